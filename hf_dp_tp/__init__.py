@@ -1,0 +1,27 @@
+"""Differentially private (DP-SGD) fine-tuning of HuggingFace models with tensor parallelism."""
+
+from .accounting import calibrate_noise_multiplier, make_accountant
+from .controller import GradSampleControllerTP, per_sample_norms
+from .engine import PrivacyEngineGradSampleController
+from .grad_samplers import UnsupportedLayoutError, register_grad_sampler
+from .optimizer import DPOptimizerTP
+from .parallel import MeshInfo, init_dp_tp_mesh, resolve_mesh
+from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DPOptimizerTP",
+    "DistributedPoissonBatchSampler",
+    "GradSampleControllerTP",
+    "MeshInfo",
+    "PrivacyEngineGradSampleController",
+    "UnsupportedLayoutError",
+    "build_poisson_data_loader",
+    "calibrate_noise_multiplier",
+    "init_dp_tp_mesh",
+    "make_accountant",
+    "per_sample_norms",
+    "register_grad_sampler",
+    "resolve_mesh",
+]

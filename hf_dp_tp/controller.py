@@ -1,0 +1,404 @@
+"""Per-sample gradients on a tensor-parallel model, by hooks, without wrapping the model.
+
+:class:`GradSampleControllerTP` attaches a forward hook to every module that owns trainable
+parameters. The hook runs *before* any parallel style's output transform (``prepend=True``), so
+it sees the activation after the style's input transform and the module's *raw* output; a tensor
+hook on that raw output then receives its gradient during backward. Both are turned into plain
+local tensors (DESIGN.md rule 2) and a grad sampler (:mod:`hf_dp_tp.grad_samplers`) produces
+``param.grad_sample`` of shape ``[B, *param.to_local().shape]``.
+
+The model object is untouched apart from those hooks and the ``grad_sample`` attribute on
+trainable parameters; :meth:`GradSampleControllerTP.cleanup` removes both.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from .grad_samplers import GradSampler, UnsupportedLayoutError, find_grad_sampler
+from .parallel import (
+    HF_STYLE_ATTR,
+    MeshInfo,
+    ParamLayout,
+    has_dtensor_parameters,
+    param_layout,
+    resolve_mesh,
+)
+
+GRAD_SAMPLE_MODES = ("tp", "hooks")
+LOSS_REDUCTIONS = ("mean", "sum")
+
+# transformers' own TP styles (they replace ``module.forward``): which ones the controller
+# understands, and which leave a replicated parameter with a *partial* per-sample gradient that
+# must be summed over the TP group (sequence-sharded tokens, or per-head slices).
+_HF_STYLES_EXACT = {
+    "colwise",
+    "colwise_rep",
+    "colwise_gather_output",
+    "rowwise",
+    "rowwise_rep",
+    "rowwise_split_input",
+    "embedding_rowwise",
+    "embedding_colwise",
+    "replicate",
+}
+_HF_STYLES_PARTIAL = {"sequence_parallel", "replicated_with_grad_allreduce"}
+_HF_STYLE_CLASSES = {
+    "SequenceParallel": "sequence_parallel",
+    "ReplicatedWithGradAllReduce": "replicated_with_grad_allreduce",
+    "EmbeddingParallel": "embedding_rowwise",
+    "ColwiseParallel": "colwise",
+    "RowwiseParallel": "rowwise",
+}
+
+
+@dataclass
+class _HookedModule:
+    name: str
+    module: nn.Module
+    sampler: GradSampler
+    params: dict[str, nn.Parameter]
+    layouts: dict[str, ParamLayout]
+    partial_over_tp: bool
+
+
+def _hf_tp_style(root: nn.Module, name: str, module: nn.Module) -> str | None:
+    """The name of the transformers TP style installed on ``module``, or None if it has none:
+    recorded by :func:`~hf_dp_tp.parallel.apply_tp_plan`, else read from the installed forward's
+    style object, else looked up in the model's resolved HF plan."""
+    if not getattr(module, "_is_hooked", False) or "forward" not in module.__dict__:
+        return None
+    recorded = getattr(module, HF_STYLE_ATTR, None)
+    if recorded is not None:
+        return recorded
+    try:
+        style_obj = inspect.getclosurevars(module.__dict__["forward"]).nonlocals.get("self")
+    except TypeError:
+        style_obj = None
+    if style_obj is not None:
+        cls_name = type(style_obj).__name__
+        if cls_name in _HF_STYLE_CLASSES:
+            return _HF_STYLE_CLASSES[cls_name]
+    plan = getattr(root, "_tp_plan", None) or {}
+    if plan:
+        from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+        style = plan.get(name) or plan.get(replace_layer_number_by_wildcard(name))
+        if style is not None:
+            return style
+    return type(style_obj).__name__ if style_obj is not None else "unknown"
+
+
+def _settle_partial(t: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, DTensor) and any(isinstance(p, Partial) for p in t.placements):
+        return t.redistribute(placements=[Replicate()] * len(t.placements))
+    return t
+
+
+def _token_shard_dim(t: torch.Tensor, *, is_activation: bool) -> int | None:
+    """The sharded non-feature dim of a DTensor (a token/sequence dim), else None."""
+    if not isinstance(t, DTensor):
+        return None
+    (placement,) = t.placements
+    if not isinstance(placement, Shard):
+        return None
+    dim = placement.dim % t.ndim
+    feature_sharded = dim == t.ndim - 1 and (t.is_floating_point() or not is_activation)
+    if feature_sharded:
+        return None
+    if dim == 0:
+        raise UnsupportedLayoutError(
+            "activations sharded on the batch dim across the TP group: TP peers must see the "
+            "same samples."
+        )
+    return dim
+
+
+def localize(
+    activation: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Plain local ``(activation, grad_of_output, token_partial)`` for one module call.
+
+    ``Partial`` DTensors are reduced first. Feature-sharded tensors stay local (samplers narrow
+    or accept them). If either side is sharded along a token dim, the other is cut to the same
+    local tokens and ``token_partial`` is True: per-sample grads of replicated parameters are then
+    partial sums that must be all-reduced over the TP group.
+    """
+    activation, grad = _settle_partial(activation), _settle_partial(grad)
+    act_dim = _token_shard_dim(activation, is_activation=True)
+    grad_dim = _token_shard_dim(grad, is_activation=False)
+    token_dim = act_dim if act_dim is not None else grad_dim
+    if act_dim is not None and grad_dim is not None and act_dim != grad_dim:
+        raise UnsupportedLayoutError(
+            f"activation sharded on dim {act_dim} but its output gradient on dim {grad_dim}."
+        )
+    if token_dim is not None:
+        for which, t in (("activation", activation), ("output gradient", grad)):
+            if not isinstance(t, DTensor):
+                raise UnsupportedLayoutError(
+                    f"{which} is a plain tensor while the other side is sequence-sharded: "
+                    "cannot tell which tokens it holds."
+                )
+        if act_dim is None:
+            activation = activation.redistribute(placements=[Shard(token_dim)])
+        if grad_dim is None:
+            grad = grad.redistribute(placements=[Shard(token_dim)])
+    if isinstance(activation, DTensor):
+        activation = activation.to_local()
+    if isinstance(grad, DTensor):
+        grad = grad.to_local()
+    return activation, grad, token_dim is not None
+
+
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision tensors (norms and sums are never accumulated in bf16/fp16)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def squared_norm_per_sample(grad_sample: torch.Tensor) -> torch.Tensor:
+    """``Σ_j g[i, j]²`` in at least fp32, shape ``[B]``."""
+    g = grad_sample.to(accumulation_dtype(grad_sample))
+    return g.pow(2).reshape(grad_sample.shape[0], -1).sum(1)
+
+
+def per_sample_norms(
+    grad_samples: list[tuple[torch.Tensor, ParamLayout]], mesh: MeshInfo
+) -> torch.Tensor | None:
+    """DESIGN.md rule 3: ``n_i = sqrt(all_reduce_TP(Σ_sharded ‖g‖²) + Σ_replicated ‖g‖²)``.
+
+    Replicated squares are added on TP rank 0 only, inside the same all-reduce, so they count
+    once and the result is bit-identical on every TP rank. Returns None when nothing was sampled.
+    """
+    if not grad_samples:
+        return None
+    sizes = {g.shape[0] for g, _ in grad_samples}
+    if len(sizes) != 1:
+        raise RuntimeError(
+            f"per-sample grads of different batch sizes {sorted(sizes)}: call "
+            "optimizer.clip_and_accumulate() after every backward pass (gradient accumulation), "
+            "and make every trainable module take part in every forward pass."
+        )
+    device = grad_samples[0][0].device
+    dtype = accumulation_dtype(grad_samples[0][0])
+    sharded = torch.zeros(sizes.pop(), dtype=dtype, device=device)
+    replicated = torch.zeros_like(sharded)
+    for g, layout in grad_samples:
+        (sharded if layout.sharded else replicated).add_(squared_norm_per_sample(g).to(dtype))
+    total = sharded + replicated if mesh.tp_rank == 0 else sharded
+    if total.numel() > 0:
+        mesh.all_reduce_tp(total)
+    return total.sqrt()
+
+
+class GradSampleControllerTP:
+    """Attach per-sample gradient hooks to ``module`` (a TP model, or a plain one in ``"hooks"``
+    mode) and keep ``param.grad_sample`` up to date.
+
+    Args:
+        module: the model; it stays the object the user holds (no wrapper).
+        device_mesh: the ``("dp", "tp")`` mesh, or the 1-D TP mesh; inferred from the model's
+            DTensor parameters when None and there is no data parallelism.
+        loss_reduction: ``"mean"`` if the loss is the mean over samples of per-sample losses
+            (per-sample grads are rescaled by the local batch size), ``"sum"`` if it is their sum.
+        grad_sample_mode: ``"tp"`` for DTensor / transformers-TP models, ``"hooks"`` for models
+            without tensor parallelism (a DTensor model in ``"hooks"`` mode is refused).
+        mesh_info: the resolved groups, if the caller already has them.
+
+    Raises :class:`~hf_dp_tp.grad_samplers.UnsupportedLayoutError` at construction for a
+    trainable layer or placement it cannot handle exactly.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        device_mesh: DeviceMesh | None = None,
+        loss_reduction: str = "mean",
+        grad_sample_mode: str = "tp",
+        mesh_info: MeshInfo | None = None,
+    ) -> None:
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}"
+                " ('tp' for tensor-parallel models, 'hooks' for models without TP)."
+            )
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
+            )
+        if grad_sample_mode != "tp" and has_dtensor_parameters(module):
+            raise ValueError(
+                f"the model has DTensor (tensor-parallel) parameters but grad_sample_mode="
+                f"{grad_sample_mode!r}: per-sample gradients would be computed on shards as if "
+                "they were whole tensors. Use grad_sample_mode='tp'."
+            )
+        self.module = module
+        self.grad_sample_mode = grad_sample_mode
+        self.loss_reduction = loss_reduction
+        self.mesh = mesh_info or resolve_mesh(module, device_mesh, tp=grad_sample_mode == "tp")
+        self.hooks_enabled = True
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooked: list[_HookedModule] = []
+        self._layouts: dict[int, ParamLayout] = {}
+        self._chunks: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self._generation = 0
+        self._attach()
+
+    # ------------------------------------------------------------------ attach / cleanup
+    def _attach(self) -> None:
+        for name, module in self.module.named_modules():
+            params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not params:
+                continue
+            where = f"module '{name or '<root>'}' ({type(module).__name__})"
+            sampler = find_grad_sampler(module)
+            if sampler is None:
+                raise UnsupportedLayoutError(
+                    f"{where} has trainable parameters {sorted(params)} but no per-sample gradient "
+                    "rule: freeze them (requires_grad=False) or register one with "
+                    "hf_dp_tp.register_grad_sampler."
+                )
+            layouts = {n: param_layout(p, f"{name}.{n}") for n, p in params.items()}
+            style = _hf_tp_style(self.module, name, module)
+            if style is not None and style not in _HF_STYLES_EXACT | _HF_STYLES_PARTIAL:
+                raise UnsupportedLayoutError(
+                    f"{where} uses the transformers TP style {style!r}, which has no exact "
+                    "per-sample gradient rule here; supported styles: "
+                    f"{sorted(_HF_STYLES_EXACT | _HF_STYLES_PARTIAL)}."
+                )
+            partial_over_tp = style in _HF_STYLES_PARTIAL
+            try:
+                sampler.check(module, layouts)
+                if partial_over_tp and any(lay.sharded for lay in layouts.values()):
+                    raise UnsupportedLayoutError(f"style {style!r} with a sharded parameter")
+            except UnsupportedLayoutError as err:
+                placements = {n: lay.describe() for n, lay in layouts.items()}
+                raise UnsupportedLayoutError(f"{where}, placements {placements}: {err}") from None
+            for n, p in params.items():
+                self._layouts[id(p)] = layouts[n]
+            info = _HookedModule(name, module, sampler, params, layouts, partial_over_tp)
+            self._hooked.append(info)
+            self._handles.append(
+                module.register_forward_hook(
+                    partial(self._forward_hook, info), with_kwargs=True, prepend=True
+                )
+            )
+        self._handles.append(self.module.register_forward_pre_hook(self._new_generation))
+
+    def cleanup(self) -> None:
+        """Remove every hook and every ``grad_sample`` attribute this controller added."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for p in self.trainable_parameters():
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+        self._hooked.clear()
+        self._chunks.clear()
+
+    # ------------------------------------------------------------------ public helpers
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for info in self._hooked:
+            for p in info.params.values():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def layout_of(self, param: torch.Tensor) -> ParamLayout:
+        return self._layouts[id(param)]
+
+    def get_per_sample_norms(self) -> torch.Tensor | None:
+        """Norms of the whole model's per-sample gradients currently stored (DESIGN.md rule 3)."""
+        samples = [
+            (p.grad_sample, self.layout_of(p))
+            for p in self.trainable_parameters()
+            if getattr(p, "grad_sample", None) is not None
+        ]
+        return per_sample_norms(samples, self.mesh)
+
+    def zero_grad_sample(self) -> None:
+        for p in self.trainable_parameters():
+            p.grad_sample = None
+
+    @contextmanager
+    def hooks_disabled(self) -> Iterator[None]:
+        """Run forward/backward without computing per-sample gradients (e.g. evaluation)."""
+        previous, self.hooks_enabled = self.hooks_enabled, False
+        try:
+            yield
+        finally:
+            self.hooks_enabled = previous
+
+    # ------------------------------------------------------------------ hooks
+    def _new_generation(self, module: nn.Module, args: tuple) -> None:
+        self._generation += 1
+
+    def _forward_hook(
+        self, info: _HookedModule, module: nn.Module, args: tuple, kwargs: dict, output
+    ) -> None:
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
+            return None
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        activation = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(activation, torch.Tensor):
+            raise UnsupportedLayoutError(f"module '{info.name}': its first input is not a tensor.")
+        activation = activation.detach()
+        generation = self._generation
+        output.register_hook(lambda grad: self._on_output_grad(info, activation, grad, generation))
+        return None
+
+    def _on_output_grad(
+        self, info: _HookedModule, activation: torch.Tensor, grad: torch.Tensor, generation: int
+    ) -> None:
+        try:
+            activation, grad, token_partial = localize(activation, grad)
+        except UnsupportedLayoutError as err:
+            raise UnsupportedLayoutError(f"module '{info.name}': {err}") from None
+        batch = activation.shape[0]
+        if self.loss_reduction == "mean":
+            grad = grad * batch
+        try:
+            grads = info.sampler.compute(info.module, activation, grad, info.layouts)
+        except UnsupportedLayoutError as err:
+            raise UnsupportedLayoutError(f"module '{info.name}': {err}") from None
+        for name, grad_sample in grads.items():
+            layout = info.layouts[name]
+            expected = (batch, *layout.local_shape)
+            if tuple(grad_sample.shape) != expected:
+                raise RuntimeError(
+                    f"module '{info.name}': per-sample grad of '{name}' has shape "
+                    f"{tuple(grad_sample.shape)}, expected {expected} (local shard of "
+                    f"{layout.describe()})."
+                )
+            if token_partial or info.partial_over_tp:
+                if layout.sharded:
+                    raise UnsupportedLayoutError(
+                        f"module '{info.name}': '{name}' is {layout.describe()} but its "
+                        "activations are split across TP ranks too; cannot compute exactly."
+                    )
+                grad_sample = self.mesh.all_reduce_tp(grad_sample.contiguous())
+            self._store(info.params[name], grad_sample, generation)
+
+    def _store(self, param: nn.Parameter, grad_sample: torch.Tensor, generation: int) -> None:
+        """Sum contributions of one forward pass (a parameter used twice, e.g. tied embeddings);
+        concatenate those of further forward passes not yet consumed by the optimizer."""
+        key = id(param)
+        if getattr(param, "grad_sample", None) is None:
+            self._chunks[key] = []
+        chunks = self._chunks[key]
+        if chunks and chunks[-1][0] == generation:
+            chunks[-1] = (generation, chunks[-1][1] + grad_sample)
+        else:
+            chunks.append((generation, grad_sample))
+        parts = [chunk for _, chunk in chunks]
+        param.grad_sample = parts[0] if len(parts) == 1 else torch.cat(parts)

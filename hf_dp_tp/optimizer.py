@@ -1,0 +1,313 @@
+"""DP-SGD on a tensor-parallel model: clip per sample, sum, add noise, reduce, scale (DESIGN.md
+rules 4-9), then let any torch optimizer apply the result."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+from .controller import LOSS_REDUCTIONS, accumulation_dtype, per_sample_norms
+from .noise import NoiseSource
+from .parallel import MeshInfo, ParamLayout, param_layout
+from .randomness import agree_on_seed
+
+CLIP_EPSILON = 1e-6
+_BUCKET_NUMEL = 1 << 26  # elements per flattened all-reduce/broadcast bucket
+
+
+def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[int]]:
+    """Index groups of same-device tensors with at most ``_BUCKET_NUMEL`` elements each."""
+    group: list[int] = []
+    size = 0
+    for i, t in enumerate(tensors):
+        if group and (size + t.numel() > _BUCKET_NUMEL or tensors[group[0]].device != t.device):
+            yield group
+            group, size = [], 0
+        group.append(i)
+        size += t.numel()
+    if group:
+        yield group
+
+
+def _flat_collective(
+    tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], Any]
+) -> None:
+    """Run ``collective`` on flattened buckets of ``tensors`` and copy the result back in place."""
+    for group in _buckets(tensors):
+        flat = torch.cat([tensors[i].reshape(-1) for i in group])
+        collective(flat)
+        offset = 0
+        for i in group:
+            n = tensors[i].numel()
+            tensors[i].copy_(flat[offset : offset + n].view_as(tensors[i]))
+            offset += n
+
+
+class DPOptimizerTP(Optimizer):
+    """Wraps a torch optimizer and replaces the gradient it sees by the DP-SGD gradient.
+
+    Per step (DESIGN.md): clip each sample's gradient with a factor identical on every TP rank
+    (rule 4), sum the clipped gradients over every micro-batch of the logical batch (rule 5), add
+    ``N(0, (σC)²)`` once to the sum — independent per TP rank for sharded parameters, TP rank 0's
+    draw for replicated ones, on DP rank 0 only (rule 6) — all-reduce the sum over the DP group
+    (rule 7), divide by the expected global logical batch for ``loss_reduction="mean"`` (rule 8)
+    and write it as ``param.grad`` with the parameter's own DTensor placements (rule 9).
+
+    Args:
+        optimizer: the wrapped optimizer (SGD, AdamW — foreach or fused —, ...).
+        noise_multiplier: σ; 0 disables noise (ε is then infinite).
+        max_grad_norm: C, the per-sample clip norm.
+        expected_batch_size: B̄ = q·N, the expected *global* logical batch size.
+        mesh: this rank's TP/DP groups.
+        loss_reduction: ``"mean"`` or ``"sum"``, as used for the loss.
+        noise_seed: base seed of the noise streams (agreed across ranks when None). Ignored in
+            secure mode, where noise comes from the OS CSPRNG.
+        secure_mode: draw noise from ``os.urandom`` instead of a seeded generator.
+
+    Gradient accumulation: call :meth:`clip_and_accumulate` after each micro-batch's backward
+    (it consumes ``param.grad_sample``) and :meth:`step` once per logical batch; or use
+    :meth:`signal_skip_step` before ``step()`` as in Opacus.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        mesh: MeshInfo,
+        loss_reduction: str = "mean",
+        noise_seed: int | None = None,
+        secure_mode: bool = False,
+    ) -> None:
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
+            )
+        if loss_reduction == "mean" and not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+        if secure_mode and noise_seed is not None:
+            raise ValueError(
+                "noise_seed cannot be set in secure_mode (noise comes from os.urandom)"
+            )
+        if noise_multiplier == 0:
+            warnings.warn(
+                "noise_multiplier=0: no noise is added, the training is NOT differentially private "
+                "(epsilon is infinite). Use this only for debugging and equivalence checks.",
+                stacklevel=2,
+            )
+        self.original_optimizer = optimizer
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = float(expected_batch_size)
+        self.loss_reduction = loss_reduction
+        self.mesh = mesh
+        self.secure_mode = secure_mode
+        self.noise_seed = None if secure_mode else agree_on_seed(noise_seed)
+        self.steps_taken = 0
+        self.accumulated_micro_batches = 0
+        self.last_per_sample_norms: torch.Tensor | None = None
+        self.last_clip_factors: torch.Tensor | None = None
+        self.step_hooks: list[Callable[[DPOptimizerTP], None]] = []
+        self._clipped_sums: dict[int, torch.Tensor] = {}
+        self._layouts: dict[int, ParamLayout] = {}
+        self._skip_next_step = False
+        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
+
+    # ------------------------------------------------------------------ Optimizer protocol
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self) -> dict:
+        return self.original_optimizer.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.original_optimizer.defaults
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.original_optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (
+            f"DPOptimizerTP(noise_multiplier={self.noise_multiplier}, max_grad_norm="
+            f"{self.max_grad_norm}, expected_batch_size={self.expected_batch_size}, "
+            f"optimizer={self.original_optimizer!r})"
+        )
+
+    def params(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters, in the wrapped optimizer's order (identical on every rank)."""
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def layout_of(self, param: torch.Tensor) -> ParamLayout:
+        key = id(param)
+        if key not in self._layouts:
+            self._layouts[key] = param_layout(param)
+        return self._layouts[key]
+
+    def attach_step_hook(self, fn: Callable[[DPOptimizerTP], None]) -> None:
+        """``fn(optimizer)`` runs after each noisy step (the privacy accountant's step)."""
+        self.step_hooks.append(fn)
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Make the next ``step()`` only clip and accumulate (a micro-batch, not a real step)."""
+        self._skip_next_step = do_skip
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``.grad``, per-sample grads and clipped sums (never between micro-batches)."""
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        for p in self.params():
+            if hasattr(p, "grad_sample"):
+                p.grad_sample = None
+        self._clipped_sums.clear()
+        self.accumulated_micro_batches = 0
+
+    # ------------------------------------------------------------------ DP-SGD
+    def clip_and_accumulate(self) -> None:
+        """Clip the per-sample grads of the last micro-batch(es) and add them to the running sum."""
+        samples = [
+            (p, p.grad_sample) for p in self.params() if getattr(p, "grad_sample", None) is not None
+        ]
+        if not samples:
+            if any(p.grad is not None for p in self.params()):
+                raise RuntimeError(
+                    "parameters have gradients but no per-sample gradients: the backward ran "
+                    "without the grad-sample hooks (is the model in train() mode, and was the "
+                    "controller attached before the forward pass?). Refusing to step."
+                )
+            return
+        norms = per_sample_norms([(g, self.layout_of(p)) for p, g in samples], self.mesh)
+        factors = (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+        self.last_per_sample_norms, self.last_clip_factors = norms, factors
+        for p, grad_sample in samples:
+            dtype = accumulation_dtype(grad_sample)
+            clipped = torch.einsum("n,n...->...", factors.to(dtype), grad_sample.to(dtype))
+            key = id(p)
+            if key in self._clipped_sums:
+                self._clipped_sums[key].add_(clipped)
+            else:
+                self._clipped_sums[key] = clipped
+            p.grad_sample = None
+        self.accumulated_micro_batches += 1
+
+    def add_noise_and_reduce(self) -> None:
+        """Noise once on the clipped sum, DP all-reduce, TP-sync replicated grads, scale, write."""
+        params = self.params()
+        sums: list[torch.Tensor] = []
+        for p in params:
+            total = self._clipped_sums.pop(id(p), None)
+            if total is None:
+                local = p.to_local() if isinstance(p, DTensor) else p
+                dtype = accumulation_dtype(local)
+                total = torch.zeros(local.shape, dtype=dtype, device=local.device)
+            sums.append(total)
+        layouts = [self.layout_of(p) for p in params]
+
+        if self.mesh.dp_rank == 0 and self.noise_multiplier > 0:
+            source = NoiseSource(
+                seed=self.noise_seed,
+                tp_rank=self.mesh.tp_rank,
+                step=self.steps_taken,
+                secure=self.secure_mode,
+            )
+            std = self.noise_multiplier * self.max_grad_norm
+            for total, layout in zip(sums, layouts, strict=True):
+                # sharded: this rank's own slice; replicated: TP rank 0 draws, then broadcasts
+                if layout.sharded or self.mesh.tp_rank == 0:
+                    total.add_(source.normal(tuple(total.shape), std, total.device).to(total.dtype))
+
+        _flat_collective(sums, self.mesh.all_reduce_dp)
+        replicated = [t for t, lay in zip(sums, layouts, strict=True) if not lay.sharded]
+        _flat_collective(replicated, self.mesh.broadcast_tp)
+
+        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        for p, total in zip(params, sums, strict=True):
+            self._write_grad(p, total.mul_(scale))
+        self.steps_taken += 1
+
+    @staticmethod
+    def _write_grad(param: torch.nn.Parameter, local_grad: torch.Tensor) -> None:
+        """DESIGN.md rule 9: a DTensor grad with the parameter's placements, so the wrapped
+        optimizer (foreach or fused) really reads it."""
+        if isinstance(param, DTensor):
+            local_grad = local_grad.to(param.to_local().dtype)
+            param.grad = DTensor.from_local(
+                local_grad,
+                param.device_mesh,
+                param.placements,
+                run_check=False,
+                shape=param.shape,
+                stride=param.stride(),
+            )
+        else:
+            param.grad = local_grad.to(param.dtype).view_as(param)
+
+    def pre_step(self) -> bool:
+        """Everything DP-SGD does before the wrapped step; False when this step is skipped."""
+        self.clip_and_accumulate()
+        if self._skip_next_step:
+            self._skip_next_step = False
+            return False
+        self.add_noise_and_reduce()
+        for hook in self.step_hooks:
+            hook(self)
+        self.accumulated_micro_batches = 0
+        return True
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.pre_step():
+            self.original_optimizer.step()
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def dp_state_dict(self) -> dict[str, Any]:
+        """The noise ledger: the step count fixes which noise stream the next step draws."""
+        return {
+            "steps_taken": self.steps_taken,
+            "noise_seed": self.noise_seed,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": self.expected_batch_size,
+            "secure_mode": self.secure_mode,
+        }
+
+    def load_dp_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("secure_mode", False) != self.secure_mode:
+            raise ValueError("the checkpoint's secure_mode differs from this optimizer's")
+        self.steps_taken = int(state["steps_taken"])
+        if not self.secure_mode:
+            self.noise_seed = state["noise_seed"]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.original_optimizer.state_dict()
+        state["dp_state"] = self.dp_state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        dp_state = state_dict.pop("dp_state", None)
+        self.original_optimizer.load_state_dict(state_dict)
+        if dp_state is not None:
+            self.load_dp_state_dict(dp_state)

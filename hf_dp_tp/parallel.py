@@ -1,0 +1,352 @@
+"""The ``("dp", "tp")`` device mesh and how each parameter is laid out on it.
+
+Vocabulary (see DESIGN.md): ranks of one **TP group** hold different shards of the same model and
+see the same batch; ranks of one **DP group** hold replicas and see disjoint sub-batches. Every
+reduction in this package names one of those two groups, never WORLD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+DP_DIM = "dp"
+TP_DIM = "tp"
+
+
+def init_dp_tp_mesh(tp_size: int, device_type: str | None = None) -> DeviceMesh:
+    """Build the 2-D ``("dp", "tp")`` mesh over all ranks: ``dp_size = world_size // tp_size``.
+
+    TP groups are blocks of ``tp_size`` consecutive ranks (ranks on one node share the fast links).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("init_dp_tp_mesh needs torch.distributed to be initialised first.")
+    world = dist.get_world_size()
+    if tp_size < 1 or world % tp_size != 0:
+        raise ValueError(
+            f"tp_size={tp_size} must divide the world size {world}; choose a tp_size among "
+            f"{[d for d in range(1, world + 1) if world % d == 0]}."
+        )
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(
+        device_type, (world // tp_size, tp_size), mesh_dim_names=(DP_DIM, TP_DIM)
+    )
+
+
+@dataclass(frozen=True)
+class MeshInfo:
+    """The two process groups of one rank, with its coordinates in each.
+
+    ``tp_group`` is None when there is no tensor parallelism (tp_size 1); ``dp_group`` is None when
+    there is a single replica (dp_size 1).
+    """
+
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    tp_rank: int = 0
+    tp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_mesh: DeviceMesh | None = None
+
+    def tp_root(self) -> int:
+        """Global rank of TP rank 0 of this rank's TP group (the source of replicated values)."""
+        return dist.get_global_rank(self.tp_group, 0) if self.tp_group is not None else 0
+
+    def all_reduce_tp(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None and self.tp_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.tp_group)
+        return tensor
+
+    def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dp_group is not None and self.dp_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group)
+        return tensor
+
+    def broadcast_tp(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``tensor`` with TP rank 0's copy, on every rank of the TP group."""
+        if self.tp_group is not None and self.tp_size > 1:
+            dist.broadcast(tensor, src=self.tp_root(), group=self.tp_group)
+        return tensor
+
+
+def _group_ranks(mesh: DeviceMesh) -> list[int]:
+    return sorted(int(r) for r in mesh.mesh.flatten().tolist())
+
+
+def _dtensor_meshes(module: nn.Module) -> list[DeviceMesh]:
+    meshes: list[DeviceMesh] = []
+    for p in module.parameters():
+        if isinstance(p, DTensor) and all(p.device_mesh is not m for m in meshes):
+            meshes.append(p.device_mesh)
+    return meshes
+
+
+def has_dtensor_parameters(module: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def resolve_mesh(module: nn.Module, device_mesh: DeviceMesh | None, *, tp: bool) -> MeshInfo:
+    """Work out the TP and DP groups of this rank.
+
+    - ``device_mesh`` 2-D with dims ``("dp", "tp")``: used as is.
+    - ``device_mesh`` 1-D: a TP mesh; there must be no other ranks (dp_size 1).
+    - ``None`` in TP mode: the 1-D mesh of the model's DTensor parameters, which must span every
+      rank; with data parallelism as well, pass the 2-D mesh explicitly.
+    - ``tp=False`` (``"hooks"`` mode): no TP group; every rank is a DP replica.
+    """
+    initialized = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if initialized else 1
+    if not tp:
+        if device_mesh is not None and device_mesh.ndim == 2:
+            dp_mesh = device_mesh[DP_DIM]
+            if device_mesh[TP_DIM].size() != 1:
+                raise ValueError("grad_sample_mode='hooks' cannot run on a mesh with tp size > 1.")
+            return MeshInfo(
+                dp_group=dp_mesh.get_group(),
+                dp_rank=dp_mesh.get_local_rank(),
+                dp_size=dp_mesh.size(),
+            )
+        if world > 1:
+            return MeshInfo(dp_group=dist.group.WORLD, dp_rank=dist.get_rank(), dp_size=world)
+        return MeshInfo()
+
+    if device_mesh is None:
+        meshes = _dtensor_meshes(module)
+        if not meshes:
+            raise ValueError(
+                "grad_sample_mode='tp' needs a tensor-parallel model (DTensor parameters) or an "
+                "explicit device_mesh; for a model without TP use grad_sample_mode='hooks'."
+            )
+        device_mesh = meshes[0]
+        if device_mesh.ndim != 1:
+            raise ValueError(
+                f"the model's parameters live on a {device_mesh.ndim}-D mesh; only 1-D TP meshes "
+                "are supported. Pass device_mesh=init_dp_tp_mesh(tp_size)."
+            )
+        if device_mesh.size() != world:
+            raise ValueError(
+                f"the model's TP mesh spans {device_mesh.size()} of {world} ranks: with data "
+                "parallelism too, pass the 2-D mesh as device_mesh (hf_dp_tp.init_dp_tp_mesh)."
+            )
+    if device_mesh.ndim == 2:
+        names = device_mesh.mesh_dim_names
+        if names is None or set(names) != {DP_DIM, TP_DIM}:
+            raise ValueError(f"a 2-D device_mesh must have dims ('dp', 'tp'), got {names}.")
+        tp_mesh, dp_mesh = device_mesh[TP_DIM], device_mesh[DP_DIM]
+        dp_info = dict(
+            dp_group=dp_mesh.get_group(), dp_rank=dp_mesh.get_local_rank(), dp_size=dp_mesh.size()
+        )
+    elif device_mesh.ndim == 1:
+        tp_mesh = device_mesh
+        if tp_mesh.size() != world:
+            raise ValueError(
+                f"a 1-D device_mesh of {tp_mesh.size()} ranks in a world of {world}: pass the 2-D "
+                "('dp', 'tp') mesh (hf_dp_tp.init_dp_tp_mesh) so the DP groups are known."
+            )
+        dp_info = {}
+    else:
+        raise ValueError(f"device_mesh must be 1-D (tp) or 2-D (dp, tp), got {device_mesh.ndim}-D.")
+
+    tp_ranks = _group_ranks(tp_mesh)
+    for meshes_of_param in _dtensor_meshes(module):
+        if _group_ranks(meshes_of_param) != tp_ranks:
+            raise ValueError(
+                f"a DTensor parameter lives on mesh ranks {_group_ranks(meshes_of_param)}, not on "
+                f"this rank's TP group {tp_ranks}: parallelize the model over device_mesh['tp']."
+            )
+    return MeshInfo(
+        tp_group=tp_mesh.get_group(),
+        tp_rank=tp_mesh.get_local_rank(),
+        tp_size=tp_mesh.size(),
+        tp_mesh=tp_mesh,
+        **dp_info,
+    )
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where this rank's local piece of a parameter sits in the full parameter.
+
+    ``shard_dim`` is None for a replicated parameter (every TP rank holds all of it); otherwise the
+    local tensor is ``full.narrow(shard_dim, offset, length)``.
+    """
+
+    global_shape: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    shard_dim: int | None = None
+    offset: int = 0
+    length: int = 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard_dim is not None
+
+    def describe(self) -> str:
+        return "Replicate()" if self.shard_dim is None else f"Shard({self.shard_dim})"
+
+
+def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
+    """Classify a parameter as replicated or sharded on its TP mesh; reject anything else."""
+    if not isinstance(param, DTensor):
+        shape = tuple(param.shape)
+        return ParamLayout(shape, shape)
+    if param.device_mesh.ndim != 1:
+        raise ValueError(
+            f"{name}: DTensor on a {param.device_mesh.ndim}-D mesh {param.placements} is not "
+            "supported; parameters must be sharded on the 1-D TP mesh only."
+        )
+    (placement,) = param.placements
+    global_shape = tuple(param.shape)
+    local_shape = tuple(param.to_local().shape)
+    if isinstance(placement, Replicate):
+        return ParamLayout(global_shape, local_shape)
+    if isinstance(placement, Shard):
+        dim = placement.dim % param.ndim
+        size = global_shape[dim]
+        mesh = param.device_mesh
+        rank, world = mesh.get_local_rank(), mesh.size()
+        chunk = -(-size // world)  # torch.chunk semantics: ceil-sized leading chunks
+        offset = min(rank * chunk, size)
+        length = max(0, min(chunk, size - offset))
+        if local_shape[dim] != length:
+            raise ValueError(
+                f"{name}: local shard of size {local_shape[dim]} on dim {dim} does not match the "
+                f"even split ({length}) this package expects for {placement}."
+            )
+        return ParamLayout(global_shape, local_shape, dim, offset, length)
+    if isinstance(placement, Partial):
+        raise ValueError(f"{name}: a Partial() parameter has no per-sample gradient meaning.")
+    raise ValueError(f"{name}: unsupported placement {placement}.")
+
+
+# --------------------------------------------------------------------------- TP plans
+HF_STYLE_ATTR = "_hf_dp_tp_style"
+
+
+def check_tp_divisibility(config, tp_size: int) -> None:
+    """Fail early when attention heads cannot be split over ``tp_size`` ranks (transformers
+    loads such a model and only crashes later, in forward)."""
+    if config is None or tp_size == 1:
+        return
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(text_config, field, None)
+        if isinstance(heads, int) and heads % tp_size != 0:
+            raise ValueError(
+                f"{field}={heads} is not divisible by tp_size={tp_size}: choose a tp_size that "
+                f"divides it (e.g. {[d for d in range(1, heads + 1) if heads % d == 0]})."
+            )
+
+
+def apply_tp_plan(
+    model: nn.Module, tp_mesh: DeviceMesh, plan: str | dict[str, object] = "auto"
+) -> nn.Module:
+    """Shard ``model`` in place over the 1-D ``tp_mesh``.
+
+    ``plan`` is ``"auto"`` (the model's own HF ``tp_plan``) or a dict from module names — with
+    ``*`` for layer numbers, as in HF plans — to either an HF style name (``"colwise"``,
+    ``"rowwise"``, ``"embedding_rowwise"``, ``"sequence_parallel"``, ...) or a torch
+    ``ParallelStyle`` (``ColwiseParallel()``, ``SequenceParallel()``, ...). Every rank must hold
+    the same full weights: each keeps its own slice, with no communication.
+    """
+    from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+    from transformers.distributed.tensor_parallel import (
+        ALL_PARALLEL_STYLES,
+        apply_tensor_parallelism,
+    )
+
+    if tp_mesh.ndim != 1:
+        raise ValueError("apply_tp_plan needs the 1-D TP mesh (device_mesh['tp']).")
+    if plan == "auto":
+        plan = dict(getattr(model, "tp_plan", None) or {})
+        if not plan:
+            raise ValueError(
+                f"{type(model).__name__} has no HF tp_plan, so tp_plan='auto' cannot shard it. "
+                "Pass an explicit plan, e.g. {'transformer.h.*.mlp.c_fc': ColwiseParallel(), ...} "
+                "(module name patterns to torch ParallelStyle objects or HF style names)."
+            )
+    if not isinstance(plan, dict):
+        raise TypeError(f"tp plan must be 'auto' or a dict, got {type(plan).__name__}")
+    check_tp_divisibility(getattr(model, "config", None), tp_mesh.size())
+
+    hf_plan: dict[str, str] = {}
+    torch_plan: dict[str, ParallelStyle] = {}
+    used: set[str] = set()
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+    for name in names:
+        key = name if name in plan else replace_layer_number_by_wildcard(name)
+        if key not in plan:
+            continue
+        used.add(key)
+        style = plan[key]
+        if isinstance(style, ParallelStyle):
+            torch_plan[name] = style
+        elif isinstance(style, str):
+            if style not in ALL_PARALLEL_STYLES:
+                raise ValueError(
+                    f"unknown TP style {style!r} for {name}; HF styles: "
+                    f"{sorted(ALL_PARALLEL_STYLES.keys())}, or pass a torch ParallelStyle."
+                )
+            hf_plan[name] = style
+        else:
+            raise TypeError(f"plan entry {key!r}: expected a style name or ParallelStyle")
+    if unused := set(plan) - used:
+        raise ValueError(
+            f"TP plan entries {sorted(unused)} match no module of {type(model).__name__}."
+        )
+    tied = _tied_parameter_names(model)
+    modules_by_name = dict(model.named_modules())
+    if hf_plan:
+        # transformers shards parameters while loading; on an already-loaded model each style
+        # shards its module's own parameters here (every rank keeps its slice of the same
+        # weights), then installs its forward.
+        for name, style in hf_plan.items():
+            if name in modules_by_name:
+                module = modules_by_name[name]
+                for param_name in list(module._parameters):
+                    ALL_PARALLEL_STYLES[style].shard_param(module, param_name, tp_mesh)
+        apply_tensor_parallelism(model, tp_mesh, hf_plan)
+        for name, style in hf_plan.items():
+            if name in modules_by_name:
+                setattr(modules_by_name[name], HF_STYLE_ATTR, style)
+    if torch_plan:
+        parallelize_module(model, tp_mesh, torch_plan)
+    _retie(model, tied)
+    return model
+
+
+def _tied_parameter_names(model: nn.Module) -> list[list[str]]:
+    """Groups of names under which one parameter object appears (e.g. tied embeddings)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, tied: list[list[str]]) -> None:
+    """Sharding replaces each module's parameter on its own; point tied names at one object again."""
+    for names in tied:
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            other = model.get_parameter(name)
+            if other is first:
+                continue
+            same_layout = isinstance(first, DTensor) == isinstance(other, DTensor) and getattr(
+                first, "placements", None
+            ) == getattr(other, "placements", None)
+            if not same_layout:
+                raise ValueError(
+                    f"tied parameters {names[0]} and {name} got different TP layouts "
+                    f"({getattr(first, 'placements', 'plain')} vs "
+                    f"{getattr(other, 'placements', 'plain')}): shard both the same way."
+                )
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, first)

@@ -1,0 +1,92 @@
+"""Multi-process test harness: spawn ``world_size`` ranks, run a function on each, collect results.
+
+Follows the usual multi-GPU test pattern: ``setup()`` initialises the default process group with
+``init_method="env://"`` on a free port, ``cleanup()`` destroys it. NCCL with one GPU per rank is used
+when enough GPUs exist, gloo on CPU otherwise, so the same tests run in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def backend_for(world_size: int) -> str:
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def device_type_for(world_size: int) -> str:
+    return "cuda" if backend_for(world_size) == "nccl" else "cpu"
+
+
+def setup(rank: int, world_size: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["RANK"] = str(rank)
+    os.environ["LOCAL_RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(world_size)
+    backend = backend_for(world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    setup(rank, world_size, port)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        cleanup()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return each rank's result.
+
+    ``fn`` must be a module-level function (it is pickled into the children). Any exception in a
+    rank fails the caller with that rank's traceback.
+    """
+    port = find_free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        try:
+            mp.spawn(
+                _worker, args=(world_size, port, out_dir, fn, args), nprocs=world_size, join=True
+            )
+        except Exception as exc:
+            errors = []
+            for rank in range(world_size):
+                path = os.path.join(out_dir, f"rank{rank}.err")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        errors.append(f"--- rank {rank} ---\n{f.read()}")
+            raise AssertionError("distributed test failed:\n" + "\n".join(errors)) from exc
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            for r in range(world_size)
+        ]
