@@ -251,6 +251,7 @@ class GradSampleControllerTP:
         self._layouts: dict[int, ParamLayout] = {}
         self._chunks: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self._generation = 0
+        self._batch_size: int | None = None
         self._attach()
 
     # ------------------------------------------------------------------ attach / cleanup
@@ -292,7 +293,9 @@ class GradSampleControllerTP:
                     partial(self._forward_hook, info), with_kwargs=True, prepend=True
                 )
             )
-        self._handles.append(self.module.register_forward_pre_hook(self._new_generation))
+        self._handles.append(
+            self.module.register_forward_pre_hook(self._new_generation, with_kwargs=True)
+        )
 
     def cleanup(self) -> None:
         """Remove every hook and every ``grad_sample`` attribute this controller added."""
@@ -339,8 +342,13 @@ class GradSampleControllerTP:
             self.hooks_enabled = previous
 
     # ------------------------------------------------------------------ hooks
-    def _new_generation(self, module: nn.Module, args: tuple) -> None:
+    def _new_generation(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._generation += 1
+        first = next(
+            (t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.ndim > 0),
+            None,
+        )
+        self._batch_size = None if first is None else first.shape[0]
 
     def _forward_hook(
         self, info: _HookedModule, module: nn.Module, args: tuple, kwargs: dict, output
@@ -353,6 +361,13 @@ class GradSampleControllerTP:
         if not isinstance(activation, torch.Tensor):
             raise UnsupportedLayoutError(f"module '{info.name}': its first input is not a tensor.")
         activation = activation.detach()
+        if self._batch_size is not None and activation.shape[0] != self._batch_size:
+            raise UnsupportedLayoutError(
+                f"module '{info.name}' got an input with batch dim {activation.shape[0]} while the "
+                f"model's batch is {self._batch_size}: its output is broadcast over the batch "
+                "(e.g. position ids without a batch dimension), which loses per-sample gradients. "
+                "Pass such inputs with the batch dimension (expand to [B, ...]) or freeze the module."
+            )
         generation = self._generation
         output.register_hook(lambda grad: self._on_output_grad(info, activation, grad, generation))
         return None

@@ -1,0 +1,129 @@
+"""The engine end to end on tp=2: Poisson loader, DP optimizer and accountant together.
+
+ε must equal an independently built opacus accountant fed (σ, q, steps) — one accountant step per
+optimizer step with the *global* q (DESIGN.md rule 10) — and grow with every step; σ calibrated
+for a target ε must spend that ε by the planned step; the privacy ledger round-trips.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from opacus.accountants import create_accountant
+from torch.utils.data import DataLoader, TensorDataset
+
+from hf_dp_tp import PrivacyEngineGradSampleController, init_dp_tp_mesh
+from hf_dp_tp.parallel import apply_tp_plan
+from tests import models
+from tests.distributed_harness import run_distributed
+
+N, BATCH, DELTA = 64, 8, 1e-5
+
+
+def _dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(3)
+    return TensorDataset(torch.randn(N, 3, 8, generator=g), torch.randn(N, 3, 4, generator=g))
+
+
+def _engine_worker(rank: int, world: int, accountant: str) -> dict:
+    mesh = init_dp_tp_mesh(2)
+    torch.manual_seed(0)
+    model = models.ToyMLP()
+    apply_tp_plan(model, mesh["tp"], models.toy_mlp_plan())
+    engine = PrivacyEngineGradSampleController(accountant=accountant)
+    controller, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=DataLoader(_dataset(), batch_size=BATCH),
+        noise_multiplier=1.1,
+        max_grad_norm=1.0,
+        grad_sample_mode="tp",
+        device_mesh=mesh,
+        sampling_seed=5,
+        noise_seed=6,
+    )
+    epsilons, batch_indices, losses = [], [], []
+    for x, y in loader:
+        batch_indices.append(x.sum().item())  # cheap fingerprint of the batch
+        loss = models.toy_mlp_losses(model, {"x": x, "y": y})
+        (loss.mean() if len(loss) else loss.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach().mean().item() if len(loss) else float("nan"))
+        epsilons.append(engine.get_epsilon(DELTA))
+    ledger = engine.state_dict()
+    controller.cleanup()
+    return {
+        "epsilons": epsilons,
+        "fingerprints": batch_indices,
+        "sample_rate": engine.sample_rate,
+        "steps": len(epsilons),
+        "ledger_history": ledger["accountant"]["history"],
+        "sampler_state": ledger["sampler"],
+        "noise_steps": ledger["optimizer"]["steps_taken"],
+    }
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_engine_epsilon_matches_opacus_accountant(accountant):
+    results = run_distributed(_engine_worker, 2, accountant)
+    r0, r1 = results
+    assert r0["fingerprints"] == r1["fingerprints"]  # TP peers see the same Poisson batches
+    assert r0["epsilons"] == r1["epsilons"]
+    assert r0["sample_rate"] == pytest.approx(BATCH / N)
+    assert r0["steps"] == round(N / BATCH) == r0["noise_steps"]
+    reference = create_accountant(mechanism=accountant)
+    expected = []
+    for _ in range(r0["steps"]):
+        reference.step(noise_multiplier=1.1, sample_rate=BATCH / N)
+        expected.append(reference.get_epsilon(delta=DELTA))
+    print(f"{accountant}: epsilon per step", r0["epsilons"])
+    assert r0["epsilons"] == pytest.approx(expected, rel=1e-9)
+    assert all(b > a for a, b in zip(r0["epsilons"], r0["epsilons"][1:], strict=False))
+
+
+def _with_epsilon_worker(rank: int, world: int) -> dict:
+    mesh = init_dp_tp_mesh(2)
+    torch.manual_seed(0)
+    model = models.ToyMLP()
+    apply_tp_plan(model, mesh["tp"], models.toy_mlp_plan())
+    engine = PrivacyEngineGradSampleController(accountant="rdp")
+    controller, optimizer, loader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        data_loader=DataLoader(_dataset(), batch_size=BATCH),
+        target_epsilon=4.0,
+        target_delta=DELTA,
+        max_grad_norm=1.0,
+        epochs=2,
+        device_mesh=mesh,
+    )
+    for _ in range(2):
+        for x, y in loader:
+            loss = models.toy_mlp_losses(model, {"x": x, "y": y})
+            (loss.mean() if len(loss) else loss.sum()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return {"epsilon": engine.get_epsilon(DELTA), "sigma": optimizer.noise_multiplier}
+
+
+def test_make_private_with_epsilon_spends_the_target():
+    results = run_distributed(_with_epsilon_worker, 2)
+    print("calibrated:", results[0])
+    assert results[0] == results[1]
+    assert 4.0 - 0.05 < results[0]["epsilon"] <= 4.0 + 1e-9
+
+
+def test_zero_noise_reports_infinite_epsilon_without_crashing():
+    from hf_dp_tp.accounting import epsilon_spent, make_accountant
+
+    accountant = make_accountant("prv")
+    accountant.step(noise_multiplier=0.0, sample_rate=0.1)
+    assert math.isinf(epsilon_spent(accountant, DELTA))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_accountant("gdp")
+    assert any("understate" in str(w.message) for w in caught)
