@@ -49,6 +49,28 @@ def _flat_collective(
             offset += n
 
 
+def split_mixed_param_groups(optimizer: Optimizer) -> None:
+    """Split every param group mixing DTensor and plain parameters into two groups with the same
+    options: foreach/fused kernels cannot take both kinds in one call."""
+    groups = []
+    for group in optimizer.param_groups:
+        kinds = [
+            [p for p in group["params"] if isinstance(p, DTensor) == is_dt]
+            for is_dt in (True, False)
+        ]
+        if all(kinds):
+            if optimizer.state:
+                raise ValueError(
+                    "the optimizer mixes DTensor and plain parameters in one group and already has "
+                    "state; wrap it before its first step (or give the two kinds separate groups)."
+                )
+            options = {k: v for k, v in group.items() if k != "params"}
+            groups.extend({**options, "params": params} for params in kinds)
+        else:
+            groups.append(group)
+    optimizer.param_groups = groups
+
+
 class DPOptimizerTP(Optimizer):
     """Wraps a torch optimizer and replaces the gradient it sees by the DP-SGD gradient.
 
@@ -107,6 +129,7 @@ class DPOptimizerTP(Optimizer):
                 "(epsilon is infinite). Use this only for debugging and equivalence checks.",
                 stacklevel=2,
             )
+        split_mixed_param_groups(optimizer)
         self.original_optimizer = optimizer
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)

@@ -42,24 +42,35 @@ def _case(name: str, tmp: str):
         model = models.load_tiny_llama(path)
         plan = "auto" if "hf_plan" in name else models.llama_sequence_parallel_plan()
         return model, plan, models.lm_batch(BATCH, vocab=64, seq=8), models.llama_losses
+    if name == "llama_from_pretrained_tp_plan":
+        # transformers' own loading path: every rank loads only its shards (world = tp)
+        from transformers import LlamaForCausalLM
+        from transformers.distributed import DistributedConfig
+
+        model = LlamaForCausalLM.from_pretrained(
+            f"{tmp}/untied", distributed_config=DistributedConfig(tp_size=2), dtype=torch.float64
+        ).train()
+        full = models.load_tiny_llama(f"{tmp}/untied")
+        return model, None, models.lm_batch(BATCH, vocab=64, seq=8), models.llama_losses, full
     raise ValueError(name)
 
 
 def _run_case(name: str, tmp: str, tp_size: int) -> dict[str, float]:
     mesh = init_dp_tp_mesh(tp_size)
     dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
-    model, plan, batch, loss_fn = _case(name, tmp)
+    model, plan, batch, loss_fn, *preloaded = _case(name, tmp)
     model.double()  # float64 end to end, so an applied update of 1e-4 is measurable exactly
     batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    reference = copy.deepcopy(model)
+    reference = preloaded[0].double() if preloaded else copy.deepcopy(model)
 
     grads, norms = models.reference_per_sample_grads(reference, loss_fn, batch)
     clip = 0.5 * norms.min().item()
     expected = models.reference_dp_update(grads, norms, clip, BATCH)
     before = models.full_params(reference)
 
-    apply_tp_plan(model, mesh["tp"], plan)
-    controller = GradSampleControllerTP(model, device_mesh=mesh)
+    if plan is not None:
+        apply_tp_plan(model, mesh["tp"], plan)
+    controller = GradSampleControllerTP(model, device_mesh=mesh if plan is not None else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer = DPOptimizerTP(
@@ -126,7 +137,8 @@ def _check(results: list[dict], world: int) -> None:
 
 
 def test_tp2_matches_single_process_dp_sgd(llama_dir):
-    _check(run_distributed(_worker, 2, CASES, llama_dir, 2), 2)
+    cases = [*CASES, "llama_from_pretrained_tp_plan"]
+    _check(run_distributed(_worker, 2, cases, llama_dir, 2), 2)
 
 
 @pytest.mark.slow
