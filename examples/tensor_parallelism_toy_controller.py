@@ -156,10 +156,11 @@ def main() -> None:
             dist.all_reduce(stats, group=dp_group)
             epsilon = engine.get_epsilon(args.delta)
             if rank == 0:
-                mean_loss = (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
+                count = int(stats[1])
+                shown = f"{(stats[0] / count).item():.4f}" if count else "(empty)"
                 print(
-                    f"epoch {epoch} step {step:3d} | batch {int(stats[1]):3d} | "
-                    f"loss {mean_loss:.4f} | ε {epsilon:.3f} (δ={args.delta:g})"
+                    f"epoch {epoch} step {step:3d} | batch {count:3d} | loss {shown} | "
+                    f"ε {epsilon:.3f} (δ={args.delta:g})"
                 )
 
     # Evaluation: no per-sample gradients, no noise; every rank sees the whole dataset.

@@ -58,6 +58,7 @@ _HF_STYLE_CLASSES = {
     "EmbeddingParallel": "embedding_rowwise",
     "ColwiseParallel": "colwise",
     "RowwiseParallel": "rowwise",
+    "TensorParallelLayer": "replicate",
 }
 
 
@@ -170,13 +171,20 @@ def squared_norm_per_sample(grad_sample: torch.Tensor) -> torch.Tensor:
     return g.pow(2).reshape(grad_sample.shape[0], -1).sum(1)
 
 
+REPLICA_MISMATCH_TOLERANCE = 1e-2
+
+
 def per_sample_norms(
     grad_samples: list[tuple[torch.Tensor, ParamLayout]], mesh: MeshInfo
 ) -> torch.Tensor | None:
     """DESIGN.md rule 3: ``n_i = sqrt(all_reduce_TP(Σ_sharded ‖g‖²) + Σ_replicated ‖g‖²)``.
 
     Replicated squares are added on TP rank 0 only, inside the same all-reduce, so they count
-    once and the result is bit-identical on every TP rank. Returns None when nothing was sampled.
+    once and the result is bit-identical on every TP rank. The same all-reduce also carries each
+    rank's replicated squares and their squares, so every rank can check (identically) that the
+    "replicated" per-sample grads really agree across the TP group — a plain module fed a
+    rank-local slice would not — and refuse to step otherwise. Returns None when nothing was
+    sampled.
     """
     if not grad_samples:
         return None
@@ -189,14 +197,30 @@ def per_sample_norms(
         )
     device = grad_samples[0][0].device
     dtype = accumulation_dtype(grad_samples[0][0])
-    sharded = torch.zeros(sizes.pop(), dtype=dtype, device=device)
+    batch = sizes.pop()
+    sharded = torch.zeros(batch, dtype=dtype, device=device)
     replicated = torch.zeros_like(sharded)
     for g, layout in grad_samples:
         (sharded if layout.sharded else replicated).add_(squared_norm_per_sample(g).to(dtype))
-    total = sharded + replicated if mesh.tp_rank == 0 else sharded
-    if total.numel() > 0:
-        mesh.all_reduce_tp(total)
-    return total.sqrt()
+    if mesh.tp_size == 1 or batch == 0:
+        return (sharded + replicated).sqrt()
+    rep = replicated.double()
+    packed = torch.stack(
+        [(sharded + replicated if mesh.tp_rank == 0 else sharded).double(), rep, rep * rep]
+    )
+    mesh.all_reduce_tp(packed)
+    total, rep_sum, rep_sq_sum = packed
+    mean = rep_sum / mesh.tp_size
+    spread = (rep_sq_sum / mesh.tp_size - mean * mean).clamp_min(0).sqrt()
+    if bool((spread > REPLICA_MISMATCH_TOLERANCE * mean + 1e-30).any()):
+        worst = (spread / mean.clamp_min(1e-30)).max().item()
+        raise RuntimeError(
+            "per-sample gradients of replicated parameters differ across TP ranks (relative "
+            f"spread {worst:.3g}): some plain (non-DTensor) trainable module sees rank-local "
+            "activations, e.g. a layer placed after a column-wise layer without gathering its "
+            "output. Shard it in the TP plan or gather its input (output_layouts=Replicate())."
+        )
+    return total.to(dtype).sqrt()
 
 
 class GradSampleControllerTP:
@@ -252,7 +276,12 @@ class GradSampleControllerTP:
         self._chunks: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self._generation = 0
         self._batch_size: int | None = None
-        self._attach()
+        self._sampled_since_grad: dict[int, bool] = {}
+        try:
+            self._attach()
+        except BaseException:
+            self.cleanup()
+            raise
 
     # ------------------------------------------------------------------ attach / cleanup
     def _attach(self) -> None:
@@ -296,6 +325,9 @@ class GradSampleControllerTP:
         self._handles.append(
             self.module.register_forward_pre_hook(self._new_generation, with_kwargs=True)
         )
+        self._handles.append(self.module.register_forward_hook(self._end_of_forward))
+        for p in self.trainable_parameters():
+            self._handles.append(p.register_post_accumulate_grad_hook(self._check_sampled))
 
     def cleanup(self) -> None:
         """Remove every hook and every ``grad_sample`` attribute this controller added."""
@@ -350,6 +382,30 @@ class GradSampleControllerTP:
         )
         self._batch_size = None if first is None else first.shape[0]
 
+    def _end_of_forward(self, module: nn.Module, args: tuple, output) -> None:
+        self._batch_size = None  # a later direct call of a submodule is not a broadcast
+
+    def _check_sampled(self, param: torch.Tensor) -> None:
+        """Every gradient autograd accumulates must come with its per-sample gradient: a module
+        left in eval() mode, or an output the hooks could not follow, would otherwise enter the
+        step with a zero clipped sum and no place in the norm."""
+        if not self.hooks_enabled:
+            return
+        if not self._sampled_since_grad.get(id(param), False):
+            names = [
+                f"{info.name}.{n}"
+                for info in self._hooked
+                for n, p in info.params.items()
+                if p is param
+            ]
+            raise RuntimeError(
+                f"parameter {names[0] if names else '?'} received a gradient without a per-sample "
+                "gradient: its module did not run in train() mode with the hooks active, or its "
+                "output is not a single tensor. Put the whole model in train() mode (or freeze the "
+                "module), and run evaluation under torch.no_grad() or controller.hooks_disabled()."
+            )
+        self._sampled_since_grad[id(param)] = False
+
     def _forward_hook(
         self, info: _HookedModule, module: nn.Module, args: tuple, kwargs: dict, output
     ) -> None:
@@ -357,6 +413,13 @@ class GradSampleControllerTP:
             return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
+        for name, param in info.params.items():
+            if module._parameters.get(name) is not param:
+                raise RuntimeError(
+                    f"module '{info.name}': parameter '{name}' was replaced after the controller "
+                    "was attached (e.g. the model was parallelized or re-tied later). Parallelize "
+                    "first, then attach the controller and build the optimizer."
+                )
         activation = args[0] if args else next(iter(kwargs.values()), None)
         if not isinstance(activation, torch.Tensor):
             raise UnsupportedLayoutError(f"module '{info.name}': its first input is not a tensor.")
@@ -408,6 +471,7 @@ class GradSampleControllerTP:
         """Sum contributions of one forward pass (a parameter used twice, e.g. tied embeddings);
         concatenate those of further forward passes not yet consumed by the optimizer."""
         key = id(param)
+        self._sampled_since_grad[key] = True
         if getattr(param, "grad_sample", None) is None:
             self._chunks[key] = []
         chunks = self._chunks[key]

@@ -85,9 +85,6 @@ class PrivacyEngineGradSampleController:
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches}")
         mesh = resolve_mesh(module, device_mesh, tp=grad_sample_mode == "tp")
-        controller = GradSampleControllerTP(
-            module, mesh_info=mesh, loss_reduction=loss_reduction, grad_sample_mode=grad_sample_mode
-        )
         num_samples = len(data_loader.dataset)
         batch_size = data_loader.batch_size
         if batch_size is None:
@@ -128,6 +125,10 @@ class PrivacyEngineGradSampleController:
             loss_reduction=loss_reduction,
             noise_seed=noise_seed,
             secure_mode=self.secure_mode,
+        )
+        # attached last: a rejected argument above leaves the user's model without hooks
+        controller = GradSampleControllerTP(
+            module, mesh_info=mesh, loss_reduction=loss_reduction, grad_sample_mode=grad_sample_mode
         )
         sample_rate = self.sample_rate
         dp_optimizer.attach_step_hook(

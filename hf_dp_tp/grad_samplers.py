@@ -107,7 +107,9 @@ def _local_slice(
 def _require_full(t: torch.Tensor, full: int, what: str) -> torch.Tensor:
     if t.shape[-1] != full:
         raise UnsupportedLayoutError(
-            f"{what} has width {t.shape[-1]} but the full width {full} is needed for this layout."
+            f"{what} has width {t.shape[-1]} but this parameter layout needs the full width {full}: "
+            "the layer receives a rank-local slice its parameters do not match. Shard the layer "
+            "in the TP plan, or gather its input (e.g. output_layouts=Replicate() upstream)."
         )
     return t
 

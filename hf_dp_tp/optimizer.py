@@ -3,6 +3,7 @@ rules 4-9), then let any torch optimizer apply the result."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -109,10 +110,12 @@ class DPOptimizerTP(Optimizer):
         noise_seed: int | None = None,
         secure_mode: bool = False,
     ) -> None:
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ValueError(
+                f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}"
+            )
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(
                 f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"

@@ -122,19 +122,39 @@ def tiny_llama_config(tie: bool = False):
     )
 
 
-def save_tiny_llama(path: str, tie: bool = False, seed: int = 0) -> str:
-    from transformers import LlamaForCausalLM
+def tiny_causal_lm(arch: str = "llama", tie: bool = False, seed: int = 0):
+    """A tiny randomly initialised causal LM: ``llama``, ``qwen2`` (q/k/v biases) or ``qwen3``
+    (per-head q/k norms, TP style ``replicated_with_grad_allreduce``)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(tie))
-    model.save_pretrained(path)
+    if arch == "llama":
+        config = tiny_llama_config(tie)
+    else:
+        config_cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+        config = config_cls(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=32,
+            tie_word_embeddings=tie,
+        )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def save_tiny_llama(path: str, tie: bool = False, seed: int = 0, arch: str = "llama") -> str:
+    tiny_causal_lm(arch, tie, seed).save_pretrained(path)
     return path
 
 
 def load_tiny_llama(path: str):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
     return model.train()
 

@@ -37,6 +37,9 @@ def _case(name: str, tmp: str):
         model = models.EmbedNormNet()
         batch = models.lm_batch(BATCH, vocab=24, seq=6)
         return model, models.embed_norm_plan(), batch, models.embed_norm_losses
+    if name in ("qwen2_hf_plan", "qwen3_hf_plan"):
+        model = models.load_tiny_llama(f"{tmp}/{name.split('_')[0]}")
+        return model, "auto", models.lm_batch(BATCH, vocab=64, seq=8), models.llama_losses
     if name in ("llama_hf_plan", "llama_tied_hf_plan", "llama_sequence_parallel"):
         path = f"{tmp}/{'tied' if 'tied' in name else 'untied'}"
         model = models.load_tiny_llama(path)
@@ -115,7 +118,15 @@ def _worker(rank: int, world: int, cases: list[str], tmp: str, tp_size: int) -> 
     return {case: _run_case(case, tmp, tp_size) for case in cases}
 
 
-CASES = ["toy_mlp", "embed_norm", "llama_hf_plan", "llama_tied_hf_plan", "llama_sequence_parallel"]
+CASES = [
+    "toy_mlp",
+    "embed_norm",
+    "llama_hf_plan",
+    "llama_tied_hf_plan",
+    "llama_sequence_parallel",
+    "qwen2_hf_plan",
+    "qwen3_hf_plan",
+]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +134,8 @@ def llama_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
     models.save_tiny_llama(str(root / "untied"), tie=False)
     models.save_tiny_llama(str(root / "tied"), tie=True)
+    models.save_tiny_llama(str(root / "qwen2"), arch="qwen2")
+    models.save_tiny_llama(str(root / "qwen3"), arch="qwen3")
     return str(root)
 
 
