@@ -168,7 +168,7 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 def squared_norm_per_sample(grad_sample: torch.Tensor) -> torch.Tensor:
     """``Σ_j g[i, j]²`` in at least fp32, shape ``[B]``."""
     g = grad_sample.to(accumulation_dtype(grad_sample))
-    return g.pow(2).reshape(grad_sample.shape[0], -1).sum(1)
+    return g.pow(2).flatten(1).sum(1)  # flatten, not reshape(B, -1): B may be 0
 
 
 REPLICA_MISMATCH_TOLERANCE = 1e-2

@@ -218,8 +218,8 @@ def embedding_grad_sample(
         g = _require_full(backprops, dim, "embedding output gradient")
     batch = ids.shape[0]
     rows_lo, rows = (weight.offset, weight.length) if weight.shard_dim == 0 else (0, vocab)
-    ids = ids.reshape(batch, -1)
-    g = g.reshape(batch, ids.shape[1], -1)
+    ids = ids.flatten(1) if ids.ndim > 1 else ids.unsqueeze(1)  # [B, tokens]; B may be 0
+    g = g.reshape(batch, ids.shape[1], g.shape[-1])
     local_ids = ids - rows_lo
     keep = (local_ids >= 0) & (local_ids < rows)
     if layer.padding_idx is not None:
@@ -312,5 +312,5 @@ def llama_rmsnorm_grad_sample(
     x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)
     acc = torch.promote_types(backprops.dtype, torch.float32)
     per_token = backprops.to(acc) * x_hat.to(activation.dtype).to(acc)
-    grad = per_token.reshape(per_token.shape[0], -1, per_token.shape[-1]).sum(1)
-    return {"weight": grad}
+    token_dims = tuple(range(1, per_token.ndim - 1))
+    return {"weight": per_token.sum(token_dims) if token_dims else per_token}

@@ -138,3 +138,32 @@ def test_foreach_fused_optimizers_apply_the_dp_gradient_and_bf16():
         # bf16 forward/backward: ~3 significant digits
         assert errors["bf16_rel"] < 5e-2, errors["bf16_rel"]
         assert errors["bf16_norm_rel"] < 5e-2, errors["bf16_norm_rel"]
+
+
+def test_empty_batch_through_hooks_samplers_and_step():
+    """An empty Poisson batch yields [0, ...] per-sample grads for every layer type and a step that
+    adds only noise (here σ = 0: the gradient is exactly zero)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    model = models.EmbedNormNet()
+    model.norm3 = LlamaRMSNorm(16)
+    forward = model.forward
+    model.forward = lambda ids: forward(ids) + model.norm3(torch.zeros(ids.shape[0], 16)).sum()
+    controller = GradSampleControllerTP(model, grad_sample_mode="hooks")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = DPOptimizerTP(
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+            mesh=_single_mesh(),
+        )
+    empty = {"input_ids": torch.zeros(0, 6, dtype=torch.long)}
+    models.embed_norm_losses(model, empty).sum().backward()
+    assert all(p.grad_sample.shape[0] == 0 for p in model.parameters())
+    optimizer.step()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    assert optimizer.steps_taken == 1
+    controller.cleanup()
