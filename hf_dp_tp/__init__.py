@@ -1,17 +1,21 @@
 """Differentially private (DP-SGD) fine-tuning of HuggingFace models with tensor parallelism."""
 
 from .accounting import calibrate_noise_multiplier, make_accountant
+from .arguments import DPTrainingArguments
 from .controller import GradSampleControllerTP, per_sample_norms
 from .engine import PrivacyEngineGradSampleController
 from .grad_samplers import UnsupportedLayoutError, register_grad_sampler
 from .optimizer import DPOptimizerTP
 from .parallel import MeshInfo, init_dp_tp_mesh, resolve_mesh
 from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
+from .trainer import DPTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DPOptimizerTP",
+    "DPTrainer",
+    "DPTrainingArguments",
     "DistributedPoissonBatchSampler",
     "GradSampleControllerTP",
     "MeshInfo",

@@ -213,7 +213,8 @@ class DPOptimizerTP(Optimizer):
             (p, p.grad_sample) for p in self.params() if getattr(p, "grad_sample", None) is not None
         ]
         if not samples:
-            if any(p.grad is not None for p in self.params()):
+            already_clipped = self.accumulated_micro_batches > 0
+            if not already_clipped and any(p.grad is not None for p in self.params()):
                 raise RuntimeError(
                     "parameters have gradients but no per-sample gradients: the backward ran "
                     "without the grad-sample hooks (is the model in train() mode, and was the "

@@ -237,3 +237,15 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
         n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
         for n, p in model.named_parameters()
     }
+
+
+def markov_records(n: int, seq: int, vocab: int, seed: int = 0) -> dict[str, list]:
+    """Token sequences from a peaked random Markov chain: a causal LM learns them quickly."""
+    g = torch.Generator().manual_seed(seed)
+    successors = torch.randint(0, vocab, (vocab, 2), generator=g)
+    ids = torch.empty(n, seq, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, vocab, (n,), generator=g)
+    for t in range(1, seq):
+        pick = torch.randint(0, 2, (n,), generator=g)
+        ids[:, t] = successors[ids[:, t - 1], pick]
+    return {"input_ids": ids.tolist(), "labels": ids.tolist()}

@@ -1,0 +1,185 @@
+"""``DPTrainingArguments``: ``TrainingArguments`` plus the privacy and tensor-parallel settings.
+
+Every field has ``metadata={"help": ...}``, so ``HfArgumentParser`` exposes it on the command line.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from .accounting import ACCOUNTANTS
+from .controller import GRAD_SAMPLE_MODES
+
+
+@dataclass
+class DPTrainingArguments(TrainingArguments):
+    """Training arguments for :class:`~hf_dp_tp.DPTrainer`.
+
+    Exactly one of ``target_epsilon`` (σ is calibrated for the planned number of steps) and
+    ``noise_multiplier`` must be set. ``target_delta`` defaults to ``1 / len(train_dataset)``.
+    The expected global logical batch is ``per_device_train_batch_size ×
+    gradient_accumulation_steps × dp_size`` with ``dp_size = world_size // tp_size``; the Poisson
+    sampling rate is that divided by the dataset size. Trainer's own ``max_grad_norm`` does not
+    apply: clipping is per sample, at ``per_sample_max_grad_norm``.
+    """
+
+    tp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Tensor-parallel degree. The data-parallel degree is world_size // tp_size; "
+            "tp_size must divide the world size and the model's attention heads."
+        },
+    )
+    tp_plan: Any = field(
+        default="auto",
+        metadata={
+            "help": "'auto': shard with the model's own HF tp_plan; a dict {module pattern: style} "
+            "with HF style names ('colwise', 'rowwise', 'sequence_parallel', ...) or torch "
+            "ParallelStyle objects; None: use the model as given (already parallelized, or no TP)."
+        },
+    )
+    target_epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "Privacy budget ε to spend over the planned steps (max_steps or epochs); σ is "
+            "calibrated for it. Exactly one of target_epsilon and noise_multiplier."
+        },
+    )
+    noise_multiplier: float | None = field(
+        default=None,
+        metadata={
+            "help": "Noise multiplier σ (noise std σ·C on the summed clipped gradients). 0 is "
+            "allowed for debugging only: ε is then infinite. Exactly one of target_epsilon and "
+            "noise_multiplier."
+        },
+    )
+    target_delta: float | None = field(
+        default=None,
+        metadata={
+            "help": "δ of the (ε, δ) guarantee; default 1/N for a training set of N records."
+        },
+    )
+    per_sample_max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Per-sample clip norm C (L2 norm of the whole gradient)."}
+    )
+    accountant: str = field(
+        default="prv",
+        metadata={
+            "help": "Privacy accountant: 'prv' (default, tight), 'rdp' (conservative), or 'gdp' "
+            "(a central-limit approximation that can understate ε; allowed with a warning)."
+        },
+    )
+    poisson_sampling: bool = field(
+        default=True,
+        metadata={
+            "help": "Poisson-sample every logical batch (what the accountant assumes). Turning it "
+            "off is refused: fixed-size batches void the stated guarantee."
+        },
+    )
+    grad_sample_mode: str = field(
+        default="tp",
+        metadata={
+            "help": "Per-sample gradient mode, chosen explicitly: 'tp' for tensor-parallel models, "
+            "'hooks' for models without tensor parallelism."
+        },
+    )
+    secure_mode: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw noise from the OS CSPRNG and Poisson masks from a keyed PRF with a secret "
+            "key (slower; for runs whose guarantee must not rest on a seeded PRNG)."
+        },
+    )
+    dp_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the Poisson masks and the noise. Default: a fresh random seed agreed "
+            "by all ranks and kept in checkpoints. Set it only for reproducibility tests: anyone "
+            "who knows it can subtract the noise."
+        },
+    )
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "Not used by DPTrainer: clipping is per sample (per_sample_max_grad_norm); "
+            "Trainer's batch-gradient clipping would act on non-private gradients."
+        },
+    )
+    average_tokens_across_devices: bool = field(
+        default=False,
+        metadata={
+            "help": "Not used by DPTrainer: the loss is a fixed per-sample reduction, never a "
+            "cross-sample token count."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_grad_norm:
+            warnings.warn(
+                f"max_grad_norm={self.max_grad_norm} is ignored by DPTrainer: gradients are "
+                "clipped per sample at per_sample_max_grad_norm="
+                f"{self.per_sample_max_grad_norm}.",
+                stacklevel=2,
+            )
+            self.max_grad_norm = 0.0
+        if self.average_tokens_across_devices:
+            self.average_tokens_across_devices = False
+        if not torch.cuda.is_available() and not self.use_cpu:
+            self.use_cpu = (
+                True  # gloo on CPU: Trainer/accelerate need use_cpu for multi-process CPU
+            )
+        super().__post_init__()
+        self._validate_privacy_settings()
+
+    def _validate_privacy_settings(self) -> None:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "set exactly one of target_epsilon (σ is calibrated for the planned steps) and "
+                f"noise_multiplier; got target_epsilon={self.target_epsilon}, "
+                f"noise_multiplier={self.noise_multiplier}."
+            )
+        if self.target_epsilon is not None and not (
+            self.target_epsilon > 0 and math.isfinite(self.target_epsilon)
+        ):
+            raise ValueError(
+                f"target_epsilon must be a positive finite number, got {self.target_epsilon}"
+            )
+        if self.noise_multiplier is not None:
+            if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+                raise ValueError(
+                    f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}"
+                )
+        if self.target_delta is not None and not 0 < self.target_delta < 1:
+            raise ValueError(f"target_delta must be in (0, 1), got {self.target_delta}")
+        if not (math.isfinite(self.per_sample_max_grad_norm) and self.per_sample_max_grad_norm > 0):
+            raise ValueError(
+                f"per_sample_max_grad_norm must be a positive finite number, got "
+                f"{self.per_sample_max_grad_norm}"
+            )
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}"
+            )
+        if not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"tp_size must be a positive int, got {self.tp_size!r}")
+        if self.tp_size > 1 and self.grad_sample_mode != "tp":
+            raise ValueError(f"tp_size={self.tp_size} needs grad_sample_mode='tp'")
+        if not self.poisson_sampling:
+            raise ValueError(
+                "poisson_sampling=False is not supported by DPTrainer: the accountants assume "
+                "Poisson sampling, so fixed-size batches would void the reported guarantee."
+            )
+        if self.secure_mode and self.dp_seed is not None:
+            raise ValueError("secure_mode draws its randomness from the OS: do not set dp_seed.")
+        if self.tp_plan is not None and not isinstance(self.tp_plan, (str, dict)):
+            raise ValueError(f"tp_plan must be 'auto', a dict or None, got {type(self.tp_plan)}")
+        if isinstance(self.tp_plan, str) and self.tp_plan != "auto":
+            raise ValueError(f"tp_plan must be 'auto', a dict or None, got {self.tp_plan!r}")

@@ -1,0 +1,241 @@
+"""DPTrainer end to end (spawned gloo ranks running ``DPTrainer.train()``).
+
+1. One step through ``train()`` on a tiny Llama (tp=2, dp=2×tp=2, and with
+   gradient_accumulation_steps=2), σ=0, a clip norm below every per-sample norm, SGD lr=1 and
+   sampling rate 1 (every record in the logical batch): the *saved checkpoint*, loaded in this
+   process with ``from_pretrained``, equals single-process DP-SGD computed here independently —
+   per-sample grads of each sample's mean token loss over its own labels, clipped, summed, / B̄.
+2. Noise on: the loss falls; ε in the logs grows every step and equals opacus's accountant for
+   (σ, q, steps); the privacy report is written.
+3. Resume: k steps, stop, resume from the checkpoint → the same ε, ledger and weights as an
+   uninterrupted run with the same seeds; a checkpoint without a ledger is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+from hf_dp_tp.losses import token_mean_per_sample
+from tests import models
+from tests.distributed_harness import run_distributed
+
+N, SEQ = 8, 8
+
+
+def _records(n: int = N, seed: int = 5) -> dict[str, list]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (n, SEQ), generator=g)
+    labels = ids.clone()
+    labels[::3, :3] = -100  # per-sample label masks of different lengths
+    return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+
+
+def _dataset(n: int = N, seed: int = 5):
+    from datasets import Dataset
+
+    return Dataset.from_dict(_records(n, seed))
+
+
+def _args(out: str, **overrides):
+    from hf_dp_tp import DPTrainingArguments
+
+    defaults = dict(
+        output_dir=out,
+        tp_size=2,
+        noise_multiplier=0.0,
+        per_sample_max_grad_norm=1.0,
+        per_device_train_batch_size=N,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        dp_seed=3,
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DPTrainingArguments(**defaults)
+
+
+def _train_worker(rank: int, world: int, model_dir: str, out: str, overrides: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from hf_dp_tp import DPTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    args = _args(out, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPTrainer(model=model, args=args, train_dataset=_dataset())
+        trainer.train()
+    trainer.save_model()
+    return {"log_history": trainer.state.log_history, "epsilon": trainer.get_epsilon()}
+
+
+def _reference_update(model_dir: str, clip: float | None = None):
+    model = models.load_tiny_llama(model_dir).double()
+    records = _records()
+    batch = {k: torch.tensor(v) for k, v in records.items()}
+
+    def losses(m, b):
+        ids = b["input_ids"]
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        logits = m(input_ids=ids, position_ids=positions).logits
+        return token_mean_per_sample(logits, b["labels"])
+
+    grads, norms = models.reference_per_sample_grads(model, losses, batch)
+    if clip is None:
+        return norms
+    update = models.reference_dp_update(grads, norms, clip, N)
+    before = models.full_params(model)
+    return {k: before[k] - update[k] for k in update}
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return models.save_tiny_llama(str(tmp_path_factory.mktemp("llama") / "model"))
+
+
+def _assert_saved_equals_reference(model_dir: str, out: str, expected: dict) -> float:
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)  # one process, plain
+    params = dict(saved.named_parameters())
+    assert set(params) == set(expected)
+    worst = 0.0
+    for name, want in expected.items():
+        before = models.full_params(models.load_tiny_llama(model_dir).double())[name]
+        scale = (want - before).abs().max().clamp_min(1e-12)
+        worst = max(worst, ((params[name].detach() - want).abs().max() / scale).item())
+    return worst
+
+
+@pytest.mark.parametrize(
+    "world, overrides",
+    [
+        pytest.param(2, {}, id="tp2"),
+        pytest.param(
+            2, {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}, id="tp2_ga2"
+        ),
+        pytest.param(4, {"per_device_train_batch_size": 4}, id="dp2_tp2", marks=pytest.mark.slow),
+    ],
+)
+def test_train_one_step_equals_single_process_dp_sgd(llama_dir, tmp_path, world, overrides):
+    clip = 0.5 * _reference_update(llama_dir).min().item()
+    expected = _reference_update(llama_dir, clip)
+    out = str(tmp_path / "out")
+    results = run_distributed(
+        _train_worker, world, llama_dir, out, {"per_sample_max_grad_norm": clip, **overrides}
+    )
+    assert results[0]["log_history"][0]["epsilon"] == math.inf
+    err = _assert_saved_equals_reference(llama_dir, out, expected)
+    print(f"world={world} {overrides}: saved checkpoint vs reference, relative error {err:.3g}")
+    assert err < 1e-9
+
+
+def _noisy_worker(rank: int, world: int, model_dir: str, out: str, overrides: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from hf_dp_tp import DPTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    data = models.markov_records(256, SEQ, vocab=64, seed=1)
+    from datasets import Dataset
+
+    args = _args(out, **overrides)
+    trainer = DPTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data))
+    trainer.train()
+    return {
+        "log_history": trainer.state.log_history,
+        "sigma": trainer.noise_multiplier,
+        "q": trainer.sample_rate,
+        "ledger": trainer.ledger(),
+        "params": {k: v.clone() for k, v in models.full_params(trainer.model).items()},
+    }
+
+
+NOISY = dict(
+    noise_multiplier=0.6,
+    per_device_train_batch_size=32,
+    optim="adamw_torch",
+    learning_rate=2e-2,
+    max_steps=6,
+    per_sample_max_grad_norm=1.0,
+)
+
+
+def test_noisy_training_logs_epsilon_matching_opacus(llama_dir, tmp_path):
+    from opacus.accountants import create_accountant
+
+    out = str(tmp_path / "noisy")
+    r0, r1 = run_distributed(_noisy_worker, 2, llama_dir, out, NOISY)
+    steps = [h for h in r0["log_history"] if "loss" in h and "epsilon" in h]
+    assert len(steps) == NOISY["max_steps"]
+    losses = [h["loss"] for h in steps]
+    eps = [h["epsilon"] for h in steps]
+    print("loss per step", losses, "epsilon per step", eps)
+    assert losses[-1] < losses[0]
+    assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
+    reference = create_accountant("prv")
+    for i, logged in enumerate(eps):
+        reference.step(noise_multiplier=r0["sigma"], sample_rate=r0["q"])
+        assert logged == pytest.approx(reference.get_epsilon(delta=1 / 256), rel=1e-9), i
+    report = json.load(open(os.path.join(out, "privacy_report.json")))
+    assert report["epsilon"] == pytest.approx(eps[-1])
+    assert report["steps"] == NOISY["max_steps"] and report["noise_multiplier"] == 0.6
+    # TP peers hold identical replicated parameters and the same ε
+    assert r0["ledger"] == r1["ledger"]
+    for name, value in r0["params"].items():
+        assert torch.equal(value, r1["params"][name]), name
+
+
+def test_resume_continues_epsilon_and_model_exactly(llama_dir, tmp_path):
+    straight = str(tmp_path / "straight")
+    full = run_distributed(_noisy_worker, 2, llama_dir, straight, NOISY)[0]
+
+    split = str(tmp_path / "split")
+    run_distributed(
+        _noisy_worker, 2, llama_dir, split, {**NOISY, "save_steps": 3, "save_strategy": "steps"}
+    )
+    # a fresh run with the same seeds, resumed from the step-3 checkpoint
+    resumed = run_distributed(
+        _resume_worker, 2, llama_dir, split, {**NOISY, "save_strategy": "no"}, "checkpoint-3"
+    )[0]
+    assert resumed["ledger"]["accountant"] == full["ledger"]["accountant"]
+    assert resumed["ledger"]["optimizer"]["steps_taken"] == NOISY["max_steps"]
+    eps_full = [h["epsilon"] for h in full["log_history"] if "loss" in h]
+    eps_resumed = [h["epsilon"] for h in resumed["log_history"] if "loss" in h]
+    # the resumed trainer state carries the first 3 log records; steps 4-6 are new
+    assert len(eps_resumed) == len(eps_full) == NOISY["max_steps"]
+    assert eps_resumed == pytest.approx(eps_full, rel=1e-12)
+    for name, value in full["params"].items():
+        assert torch.allclose(value, resumed["params"][name], rtol=0, atol=1e-6), name
+
+
+def _resume_worker(rank, world, model_dir, out, overrides, checkpoint):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from hf_dp_tp import DPTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    data = models.markov_records(256, SEQ, vocab=64, seed=1)
+    args = _args(out, **overrides)
+    trainer = DPTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data))
+    trainer.train(resume_from_checkpoint=os.path.join(out, checkpoint))
+    return {
+        "log_history": trainer.state.log_history,
+        "ledger": trainer.ledger(),
+        "params": {k: v.clone() for k, v in models.full_params(trainer.model).items()},
+    }
