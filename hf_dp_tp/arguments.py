@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -36,12 +35,14 @@ class DPTrainingArguments(TrainingArguments):
             "tp_size must divide the world size and the model's attention heads."
         },
     )
-    tp_plan: Any = field(
+    # Typed as a string for the command line; in Python a dict plan is accepted too.
+    tp_plan: str | None = field(
         default="auto",
         metadata={
-            "help": "'auto': shard with the model's own HF tp_plan; a dict {module pattern: style} "
-            "with HF style names ('colwise', 'rowwise', 'sequence_parallel', ...) or torch "
-            "ParallelStyle objects; None: use the model as given (already parallelized, or no TP)."
+            "help": "'auto': shard with the model's own HF tp_plan; in Python also a dict {module "
+            "pattern: style} with HF style names ('colwise', 'rowwise', 'sequence_parallel', ...) "
+            "or torch ParallelStyle objects; None: use the model as given (already parallelized, "
+            "or no TP)."
         },
     )
     target_epsilon: float | None = field(

@@ -106,7 +106,10 @@ class _PrivacyCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if args.target_epsilon is None or state.global_step < trainer.planned_steps:
+        if args.target_epsilon is None:
+            return control
+        # ε after the steps σ was calibrated for is within the budget; check only beyond them
+        if state.global_step < (trainer.calibrated_steps or trainer.planned_steps):
             return control
         if trainer.epsilon_after_next_step() > args.target_epsilon:
             if not control.should_training_stop:
@@ -173,6 +176,7 @@ class DPTrainer(Trainer):
         else:
             self.dp_seed, self.secure_key = agree_on_seed(args.dp_seed), None
         self.noise_multiplier: float | None = args.noise_multiplier
+        self.calibrated_steps: int | None = None
         if self.noise_multiplier == 0:
             warnings.warn(
                 "noise_multiplier=0: this run is NOT differentially private (epsilon is infinite); "
@@ -207,6 +211,12 @@ class DPTrainer(Trainer):
         config = getattr(model, "config", None)
         if args.tp_size > 1:
             check_tp_divisibility(config, args.tp_size)
+        if has_dtensor_parameters(model) and args.grad_sample_mode != "tp":
+            raise ValueError(
+                f"the model has DTensor (tensor-parallel) parameters but grad_sample_mode="
+                f"{args.grad_sample_mode!r}: per-sample gradients of shards would be computed as "
+                "if they were whole tensors. Use grad_sample_mode='tp'."
+            )
         if has_dtensor_parameters(model):
             sizes = {p.device_mesh.size() for p in model.parameters() if isinstance(p, DTensor)}
             if sizes != {args.tp_size}:
@@ -287,6 +297,7 @@ class DPTrainer(Trainer):
 
     def _resolve_noise_multiplier(self) -> float:
         if self.noise_multiplier is None:
+            self.calibrated_steps = self.planned_steps
             self.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=self.args.target_epsilon,
                 target_delta=self.target_delta,
@@ -515,6 +526,7 @@ class DPTrainer(Trainer):
                 "history": [list(entry) for entry in self.accountant.history],
             },
             "noise_multiplier": self.noise_multiplier,
+            "calibrated_steps": self.calibrated_steps,
             "sample_rate": self.sample_rate,
             "dp_seed": self.dp_seed,
             "secure_key": self.secure_key.hex() if self.secure_key else None,
@@ -543,6 +555,7 @@ class DPTrainer(Trainer):
             )
         self.accountant.history = [tuple(entry) for entry in ledger["accountant"]["history"]]
         self.noise_multiplier = ledger["noise_multiplier"]
+        self.calibrated_steps = ledger.get("calibrated_steps")
         if self.args.secure_mode:
             self.secure_key = bytes.fromhex(ledger["secure_key"])
         else:

@@ -73,7 +73,16 @@ def _train_worker(rank: int, world: int, model_dir: str, out: str, overrides: di
 
     from hf_dp_tp import DPTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    overrides = dict(overrides)
+    if overrides.pop("load_with_tp_plan", False):
+        # transformers' own TP loading (each rank reads its shards); DPTrainer takes it as is
+        from transformers.distributed import DistributedConfig
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float64, distributed_config=DistributedConfig(tp_size=2)
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     args = _args(out, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -107,6 +116,11 @@ def llama_dir(tmp_path_factory):
     return models.save_tiny_llama(str(tmp_path_factory.mktemp("llama") / "model"))
 
 
+@pytest.fixture(scope="module")
+def tied_llama_dir(tmp_path_factory):
+    return models.save_tiny_llama(str(tmp_path_factory.mktemp("tied") / "model"), tie=True)
+
+
 def _assert_saved_equals_reference(model_dir: str, out: str, expected: dict) -> float:
     from transformers import AutoModelForCausalLM
 
@@ -132,6 +146,23 @@ def _assert_saved_equals_reference(model_dir: str, out: str, expected: dict) -> 
     ],
 )
 def test_train_one_step_equals_single_process_dp_sgd(llama_dir, tmp_path, world, overrides):
+    _one_step_equivalence(llama_dir, tmp_path, world, overrides)
+
+
+def test_tied_embeddings_one_step_and_plain_save(tied_llama_dir, tmp_path):
+    """The tied weight's update is the sum of both uses; the saved checkpoint stays tied."""
+    from transformers import AutoModelForCausalLM
+
+    _one_step_equivalence(tied_llama_dir, tmp_path, 2, {})
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert saved.lm_head.weight is saved.model.embed_tokens.weight
+
+
+def test_model_loaded_with_transformers_tp_plan(llama_dir, tmp_path):
+    _one_step_equivalence(llama_dir, tmp_path, 2, {"load_with_tp_plan": True})
+
+
+def _one_step_equivalence(llama_dir, tmp_path, world, overrides):
     clip = 0.5 * _reference_update(llama_dir).min().item()
     expected = _reference_update(llama_dir, clip)
     out = str(tmp_path / "out")

@@ -1,0 +1,197 @@
+"""DPTrainer refuses bad input early and clearly, exposes its arguments on the command line,
+stops before exceeding the budget, and runs in one process without TP ("hooks" mode)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from tests import models
+from tests.distributed_harness import run_distributed
+from tests.test_trainer import _args, _dataset
+
+
+# --------------------------------------------------------------------------- arguments
+def test_privacy_arguments_are_validated():
+    from hf_dp_tp import DPTrainingArguments
+
+    base = dict(output_dir="/tmp/unused", report_to=[])
+    with pytest.raises(ValueError, match="exactly one of target_epsilon"):
+        DPTrainingArguments(**base)
+    with pytest.raises(ValueError, match="exactly one of target_epsilon"):
+        DPTrainingArguments(**base, target_epsilon=3.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="accountant must be one of"):
+        DPTrainingArguments(**base, noise_multiplier=1.0, accountant="moments")
+    with pytest.raises(ValueError, match="grad_sample_mode must be one of"):
+        DPTrainingArguments(**base, noise_multiplier=1.0, grad_sample_mode="functorch")
+    with pytest.raises(ValueError, match="needs grad_sample_mode='tp'"):
+        DPTrainingArguments(**base, noise_multiplier=1.0, tp_size=2, grad_sample_mode="hooks")
+    with pytest.raises(ValueError, match="poisson_sampling=False is not supported"):
+        DPTrainingArguments(**base, noise_multiplier=1.0, poisson_sampling=False)
+    with pytest.raises(ValueError, match="target_delta must be in"):
+        DPTrainingArguments(**base, noise_multiplier=1.0, target_delta=1.5)
+    with pytest.raises(ValueError, match="per_sample_max_grad_norm must be"):
+        DPTrainingArguments(**base, noise_multiplier=1.0, per_sample_max_grad_norm=0.0)
+    with pytest.warns(UserWarning, match="max_grad_norm=1.0 is ignored"):
+        args = DPTrainingArguments(**base, noise_multiplier=1.0, max_grad_norm=1.0)
+    assert args.max_grad_norm == 0.0 and not args.average_tokens_across_devices
+
+
+def test_hf_argument_parser_exposes_privacy_fields():
+    from transformers import HfArgumentParser
+
+    from hf_dp_tp import DPTrainingArguments
+
+    parser = HfArgumentParser(DPTrainingArguments)
+    help_text = parser.format_help()
+    for flag in (
+        "--target_epsilon",
+        "--noise_multiplier",
+        "--per_sample_max_grad_norm",
+        "--tp_size",
+    ):
+        assert flag in help_text
+    assert "Privacy budget" in help_text
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "/tmp/x", "--target_epsilon", "4", "--tp_size", "2", "--accountant", "rdp"]
+    )
+    assert args.target_epsilon == 4.0 and args.tp_size == 2 and args.accountant == "rdp"
+
+
+# --------------------------------------------------------------------------- one process
+def test_single_process_hooks_mode_gpt2_trains(tmp_path):
+    """No torchrun, no TP: GPT-2 (Conv1D, tied embeddings) with grad_sample_mode='hooks'."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_dp_tp import DPTrainer
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    config.bos_token_id = config.eos_token_id = 0
+    model = GPT2LMHeadModel(config)
+    args = _args(
+        str(tmp_path), tp_size=1, grad_sample_mode="hooks", noise_multiplier=1.0, max_steps=2
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPTrainer(model=model, args=args, train_dataset=_dataset())
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert 0 < trainer.get_epsilon() < float("inf")
+    assert os.path.isfile(tmp_path / "privacy_report.json")
+
+
+# --------------------------------------------------------------------------- distributed
+def _errors_worker(rank: int, world: int, model_dir: str, out: str) -> dict[str, str]:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from hf_dp_tp import DPTrainer, UnsupportedLayoutError
+
+    results: dict[str, str] = {}
+
+    def expect(name, exc, fn):
+        try:
+            fn()
+        except exc as err:
+            results[name] = str(err)
+        else:
+            results[name] = "NO ERROR"
+
+    def trainer(model, **overrides):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return DPTrainer(model=model, args=_args(out, **overrides), train_dataset=_dataset())
+
+    llama = lambda: models.load_tiny_llama(model_dir)  # noqa: E731
+    expect("tp_not_dividing_world", ValueError, lambda: trainer(llama(), tp_size=3))
+    three_heads = LlamaConfig(
+        vocab_size=64,
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+    )
+    expect("heads_not_divisible", ValueError, lambda: trainer(LlamaForCausalLM(three_heads)))
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
+    )
+    expect("auto_plan_without_hf_plan", ValueError, lambda: trainer(gpt2))
+
+    sharded = llama()
+    from hf_dp_tp import init_dp_tp_mesh
+    from hf_dp_tp.parallel import apply_tp_plan
+
+    apply_tp_plan(sharded, init_dp_tp_mesh(2)["tp"], "auto")
+    expect(
+        "dtensor_model_in_hooks_mode",
+        ValueError,
+        lambda: trainer(sharded, tp_size=1, grad_sample_mode="hooks", tp_plan=None),
+    )
+    expect("tp_plan_none_unsharded", ValueError, lambda: trainer(llama(), tp_plan=None))
+
+    with_conv = llama()
+    with_conv.extra = nn.Conv1d(2, 2, 1)
+    expect("unsupported_layer", UnsupportedLayoutError, lambda: trainer(with_conv))
+
+    too_big = lambda: trainer(llama(), per_device_train_batch_size=64)  # noqa: E731
+    expect("batch_larger_than_dataset", ValueError, lambda: too_big().train())
+
+    no_ledger = os.path.join(out, "checkpoint-no-ledger")
+    os.makedirs(no_ledger, exist_ok=True)
+    expect(
+        "resume_without_ledger",
+        ValueError,
+        lambda: trainer(llama()).train(resume_from_checkpoint=no_ledger),
+    )
+
+    # budget: σ calibrated for 3 steps; asked to run 8, it stops before exceeding the target
+    budget = trainer(llama(), noise_multiplier=None, target_epsilon=3.0, max_steps=3)
+    budget._resolve_noise_multiplier()
+    budget.args.max_steps = 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        budget.train()
+    results["budget_steps"] = str(budget.state.global_step)
+    results["budget_epsilon"] = repr(budget.get_epsilon())
+    return results
+
+
+@pytest.fixture(scope="module")
+def error_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer_errors")
+    model_dir = models.save_tiny_llama(str(root / "model"))
+    return run_distributed(_errors_worker, 2, model_dir, str(root / "out"))
+
+
+@pytest.mark.parametrize(
+    "name, pattern",
+    [
+        ("tp_not_dividing_world", r"tp_size=3 does not divide the world size 2"),
+        ("heads_not_divisible", r"num_attention_heads=3 is not divisible by tp_size=2"),
+        ("auto_plan_without_hf_plan", r"has no HF tp_plan.*explicit plan"),
+        (
+            "dtensor_model_in_hooks_mode",
+            r"DTensor.*grad_sample_mode='hooks'.*Use grad_sample_mode='tp'",
+        ),
+        ("tp_plan_none_unsharded", r"tp_plan=None, but the model is not parallelized"),
+        ("unsupported_layer", r"module 'extra' \(Conv1d\).*no per-sample gradient rule"),
+        ("batch_larger_than_dataset", r"exceeds the 8 training records"),
+        ("resume_without_ledger", r"no privacy ledger"),
+    ],
+)
+def test_bad_input_errors(error_results, name, pattern):
+    import re
+
+    for rank_results in error_results:
+        assert re.search(pattern, rank_results[name], re.S), (name, rank_results[name])
+
+
+def test_training_stops_before_the_budget_is_exceeded(error_results):
+    for r in error_results:
+        assert r["budget_steps"] == "3", r
+        assert 2.9 < float(r["budget_epsilon"]) <= 3.0, r
