@@ -89,7 +89,11 @@ def _train_worker(rank: int, world: int, model_dir: str, out: str, overrides: di
         trainer = DPTrainer(model=model, args=args, train_dataset=_dataset())
         trainer.train()
     trainer.save_model()
-    return {"log_history": trainer.state.log_history, "epsilon": trainer.get_epsilon()}
+    return {
+        "log_history": trainer.state.log_history,
+        "epsilon": trainer.get_epsilon(),
+        "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+    }
 
 
 def _reference_update(model_dir: str, clip: float | None = None):
@@ -143,6 +147,15 @@ def _assert_saved_equals_reference(model_dir: str, out: str, expected: dict) -> 
             2, {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}, id="tp2_ga2"
         ),
         pytest.param(4, {"per_device_train_batch_size": 4}, id="dp2_tp2", marks=pytest.mark.slow),
+        pytest.param(2, {"gradient_checkpointing": True}, id="tp2_checkpointing"),
+        pytest.param(
+            2,
+            {
+                "gradient_checkpointing": True,
+                "gradient_checkpointing_kwargs": {"use_reentrant": True},
+            },
+            id="tp2_checkpointing_reentrant",
+        ),
     ],
 )
 def test_train_one_step_equals_single_process_dp_sgd(llama_dir, tmp_path, world, overrides):
@@ -170,6 +183,7 @@ def _one_step_equivalence(llama_dir, tmp_path, world, overrides):
         _train_worker, world, llama_dir, out, {"per_sample_max_grad_norm": clip, **overrides}
     )
     assert results[0]["log_history"][0]["epsilon"] == math.inf
+    assert results[0]["checkpointing"] == bool(overrides.get("gradient_checkpointing"))
     err = _assert_saved_equals_reference(llama_dir, out, expected)
     print(f"world={world} {overrides}: saved checkpoint vs reference, relative error {err:.3g}")
     assert err < 1e-9
