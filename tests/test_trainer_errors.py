@@ -149,6 +149,21 @@ def _errors_worker(rank: int, world: int, model_dir: str, out: str) -> dict[str,
         lambda: trainer(llama()).train(resume_from_checkpoint=no_ledger),
     )
 
+    # TP peers fed different batches (a loader re-sharded across TP ranks) must be caught
+    class ReshardedTrainer(DPTrainer):
+        def get_train_dataloader(self):
+            loader = super().get_train_dataloader()
+            return [
+                {k: v[rank::world] for k, v in batch.items()} for batch in loader
+            ]  # each TP rank a different slice
+
+    def resharded():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ReshardedTrainer(model=llama(), args=_args(out), train_dataset=_dataset()).train()
+
+    expect("tp_peers_different_batches", RuntimeError, resharded)
+
     # budget: σ calibrated for 3 steps; asked to run 8, it stops before exceeding the target
     budget = trainer(llama(), noise_multiplier=None, target_epsilon=3.0, max_steps=3)
     budget._resolve_noise_multiplier()
@@ -182,6 +197,7 @@ def error_results(tmp_path_factory):
         ("unsupported_layer", r"module 'extra' \(Conv1d\).*no per-sample gradient rule"),
         ("batch_larger_than_dataset", r"exceeds the 8 training records"),
         ("resume_without_ledger", r"no privacy ledger"),
+        ("tp_peers_different_batches", r"TP peers received different batches"),
     ],
 )
 def test_bad_input_errors(error_results, name, pattern):
@@ -195,3 +211,45 @@ def test_training_stops_before_the_budget_is_exceeded(error_results):
     for r in error_results:
         assert r["budget_steps"] == "3", r
         assert 2.9 < float(r["budget_epsilon"]) <= 3.0, r
+
+
+def _empty_batches_worker(rank: int, world: int, model_dir: str, out: str) -> dict:
+    from datasets import Dataset
+
+    from hf_dp_tp import DPTrainer
+
+    data = Dataset.from_dict(models.markov_records(32, 8, vocab=64, seed=2))
+    args = _args(
+        out,
+        noise_multiplier=1.0,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=10,
+        optim="adamw_torch",
+        learning_rate=1e-3,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPTrainer(model=models.load_tiny_llama(model_dir), args=args, train_dataset=data)
+        trainer.train()
+        metrics = trainer.evaluate(eval_dataset=data.select(range(8)))
+    sampler = trainer._batch_sampler
+    sizes = [len(b) for s in range(10) for b in sampler.micro_batches(0, s)]
+    return {
+        "steps": trainer.state.global_step,
+        "empty_micro_batches": sizes.count(0),
+        "eval_loss": metrics["eval_loss"],
+        "epsilon": trainer.get_epsilon(),
+    }
+
+
+def test_empty_poisson_batches_do_not_hang_and_eval_runs(tmp_path):
+    """q = 2/32 with micro-batches of expected size 1: many micro-batches (and some logical
+    batches) are empty; every rank still steps, ε counts every step, evaluation runs on TP."""
+    model_dir = models.save_tiny_llama(str(tmp_path / "model"))
+    r0, r1 = run_distributed(_empty_batches_worker, 2, model_dir, str(tmp_path / "out"))
+    print("empty micro-batches:", r0["empty_micro_batches"], "eval:", r0["eval_loss"])
+    assert r0["steps"] == r1["steps"] == 10
+    assert r0["empty_micro_batches"] > 0
+    assert r0["eval_loss"] == r1["eval_loss"] and r0["eval_loss"] < 10
+    assert r0["epsilon"] == r1["epsilon"] > 0
