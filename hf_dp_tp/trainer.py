@@ -37,6 +37,7 @@ from transformers.utils import logging
 from .accounting import calibrate_noise_multiplier, epsilon_spent, make_accountant
 from .arguments import DPTrainingArguments
 from .controller import GradSampleControllerTP
+from .lora import peft_tp_plan, prepare_lora_for_tp, save_lora_adapter
 from .losses import PerSampleLoss, default_per_sample_loss
 from .optimizer import DPOptimizerTP
 from .parallel import (
@@ -77,6 +78,14 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             gathered[key] = full.detach().cpu()
         out[name] = gathered[key]
     return out
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
 
 
 def _batch_size(inputs: Mapping[str, Any]) -> int:
@@ -232,7 +241,11 @@ class DPTrainer(Trainer):
                 )
             if args.device.type != "cpu":
                 model = model.to(args.device)
-            apply_tp_plan(model, self.device_mesh["tp"], args.tp_plan)
+            plan = peft_tp_plan(model, args.tp_plan) if _is_peft(model) else args.tp_plan
+            apply_tp_plan(model, self.device_mesh["tp"], plan)
+        if _is_peft(model) and args.tp_size > 1:
+            # adapters sharded like their base layers and identical on every rank
+            prepare_lora_for_tp(model, self.device_mesh["tp"])
         return model.train()
 
     def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
@@ -594,13 +607,26 @@ class DPTrainer(Trainer):
         model = model if model is not None else self.model
         if not has_dtensor_parameters(model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_full_checkpoint_into_sharded(model, resume_from_checkpoint)
+        if _is_peft(model):
+            load_full_checkpoint_into_sharded(
+                model, resume_from_checkpoint, adapter_name=model.active_adapter
+            )
+        else:
+            load_full_checkpoint_into_sharded(model, resume_from_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """An ordinary, unsharded checkpoint that ``from_pretrained`` loads in one process."""
         if not has_dtensor_parameters(self.model):
             if self.args.should_save:
                 super()._save(output_dir, state_dict=state_dict)
+            return
+        if _is_peft(self.model):
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            save_lora_adapter(self.model, output_dir)  # collective; a plain peft adapter
+            if self.args.should_save:
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
             return
         full = gather_full_state_dict(self.model)  # every rank takes part
         if not self.args.should_save:
@@ -616,27 +642,29 @@ class DPTrainer(Trainer):
                 config.distributed_config = distributed_config
 
 
-def load_full_checkpoint_into_sharded(model: nn.Module, checkpoint_dir: str) -> None:
+def load_full_checkpoint_into_sharded(
+    model: nn.Module, checkpoint_dir: str, adapter_name: str | None = None
+) -> None:
     """Load an unsharded safetensors checkpoint into a TP-sharded model: each rank copies its own
-    slice of every DTensor entry."""
+    slice of every DTensor entry. With ``adapter_name``, the checkpoint is a peft adapter
+    (``adapter_model.safetensors``, names without the adapter name) and only its entries load."""
     from safetensors.torch import load_file
     from torch.distributed.tensor import distribute_tensor
 
-    files = sorted(
-        os.path.join(checkpoint_dir, name)
-        for name in os.listdir(checkpoint_dir)
-        if name.endswith(".safetensors") and "adapter" not in name
-    )
-    if not files:
-        raise ValueError(f"no safetensors weights in {checkpoint_dir}")
+    names = sorted(n for n in os.listdir(checkpoint_dir) if n.endswith(".safetensors"))
+    wanted = [n for n in names if ("adapter" in n) == (adapter_name is not None)]
+    if not wanted:
+        raise ValueError(f"no safetensors weights to resume from in {checkpoint_dir}")
     full: dict[str, torch.Tensor] = {}
-    for path in files:
-        full.update(load_file(path))
+    for name in wanted:
+        full.update(load_file(os.path.join(checkpoint_dir, name)))
+    loaded = 0
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if name not in full:
+            key = name.replace(f".{adapter_name}.", ".") if adapter_name else name
+            if key not in full:
                 continue
-            source = full[name]
+            source = full[key]
             if isinstance(tensor, DTensor):
                 local = distribute_tensor(
                     source.to(tensor.dtype),
@@ -647,3 +675,9 @@ def load_full_checkpoint_into_sharded(model: nn.Module, checkpoint_dir: str) -> 
                 tensor.to_local().copy_(local)
             else:
                 tensor.copy_(source.to(dtype=tensor.dtype, device=tensor.device))
+            loaded += 1
+    if loaded < len(full):
+        raise ValueError(
+            f"{checkpoint_dir}: only {loaded} of {len(full)} saved tensors match the model's "
+            "parameters; resume with the same model and adapter configuration."
+        )

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed_harness import find_free_port
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,10 +20,9 @@ def _torchrun(script: str, *args: str) -> str:
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # torchrun picks a free port itself
         "--nproc-per-node",
         "2",
-        "--master-port",
-        str(find_free_port()),
         str(ROOT / "examples" / script),
         *args,
     ]
