@@ -26,6 +26,7 @@ from tests import models
 from tests.distributed_harness import run_distributed
 
 N, SEQ = 8, 8
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _records(n: int = N, seed: int = 5) -> dict[str, list]:
@@ -189,12 +190,22 @@ def _one_step_equivalence(llama_dir, tmp_path, world, overrides):
     assert err < 1e-9
 
 
+def _maybe_lora(model, overrides: dict):
+    if not overrides.pop("lora", False):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(target_modules=LORA_TARGETS, r=4, lora_alpha=8))
+
+
 def _noisy_worker(rank: int, world: int, model_dir: str, out: str, overrides: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from hf_dp_tp import DPTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    overrides = dict(overrides)
+    model = _maybe_lora(AutoModelForCausalLM.from_pretrained(model_dir), overrides)
     data = models.markov_records(256, SEQ, vocab=64, seed=1)
     from datasets import Dataset
 
@@ -245,17 +256,21 @@ def test_noisy_training_logs_epsilon_matching_opacus(llama_dir, tmp_path):
         assert torch.equal(value, r1["params"][name]), name
 
 
-def test_resume_continues_epsilon_and_model_exactly(llama_dir, tmp_path):
+@pytest.mark.parametrize(
+    "lora", [pytest.param(False, id="full"), pytest.param(True, id="lora", marks=pytest.mark.slow)]
+)
+def test_resume_continues_epsilon_and_model_exactly(llama_dir, tmp_path, lora):
+    noisy = {**NOISY, "lora": lora}
     straight = str(tmp_path / "straight")
-    full = run_distributed(_noisy_worker, 2, llama_dir, straight, NOISY)[0]
+    full = run_distributed(_noisy_worker, 2, llama_dir, straight, noisy)[0]
 
     split = str(tmp_path / "split")
     run_distributed(
-        _noisy_worker, 2, llama_dir, split, {**NOISY, "save_steps": 3, "save_strategy": "steps"}
+        _noisy_worker, 2, llama_dir, split, {**noisy, "save_steps": 3, "save_strategy": "steps"}
     )
     # a fresh run with the same seeds, resumed from the step-3 checkpoint
     resumed = run_distributed(
-        _resume_worker, 2, llama_dir, split, {**NOISY, "save_strategy": "no"}, "checkpoint-3"
+        _resume_worker, 2, llama_dir, split, {**noisy, "save_strategy": "no"}, "checkpoint-3"
     )[0]
     assert resumed["ledger"]["accountant"] == full["ledger"]["accountant"]
     assert resumed["ledger"]["optimizer"]["steps_taken"] == NOISY["max_steps"]
@@ -274,7 +289,8 @@ def _resume_worker(rank, world, model_dir, out, overrides, checkpoint):
 
     from hf_dp_tp import DPTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    overrides = dict(overrides)
+    model = _maybe_lora(AutoModelForCausalLM.from_pretrained(model_dir), overrides)
     data = models.markov_records(256, SEQ, vocab=64, seed=1)
     args = _args(out, **overrides)
     trainer = DPTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data))
@@ -287,7 +303,6 @@ def _resume_worker(rank, world, model_dir, out, overrides, checkpoint):
 
 
 # --------------------------------------------------------------------------- LoRA on TP
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _lora_worker(rank: int, world: int, model_dir: str, adapter_dir: str, out: str, clip: float):
