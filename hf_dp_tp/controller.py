@@ -13,7 +13,6 @@ trainable parameters; :meth:`GradSampleControllerTP.cleanup` removes both.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from .parallel import (
     MeshInfo,
     ParamLayout,
     has_dtensor_parameters,
+    installed_tp_style,
     param_layout,
     resolve_mesh,
 )
@@ -52,14 +52,6 @@ _HF_STYLES_EXACT = {
     "replicate",
 }
 _HF_STYLES_PARTIAL = {"sequence_parallel", "replicated_with_grad_allreduce"}
-_HF_STYLE_CLASSES = {
-    "SequenceParallel": "sequence_parallel",
-    "ReplicatedWithGradAllReduce": "replicated_with_grad_allreduce",
-    "EmbeddingParallel": "embedding_rowwise",
-    "ColwiseParallel": "colwise",
-    "RowwiseParallel": "rowwise",
-    "TensorParallelLayer": "replicate",
-}
 
 
 @dataclass
@@ -74,29 +66,24 @@ class _HookedModule:
 
 def _hf_tp_style(root: nn.Module, name: str, module: nn.Module) -> str | None:
     """The name of the transformers TP style installed on ``module``, or None if it has none:
-    recorded by :func:`~hf_dp_tp.parallel.apply_tp_plan`, else read from the installed forward's
-    style object, else looked up in the model's resolved HF plan."""
-    if not getattr(module, "_is_hooked", False) or "forward" not in module.__dict__:
+    recorded by :func:`~hf_dp_tp.parallel.apply_tp_plan`, else the registered style object the
+    installed forward captured, else the model's resolved HF plan (styles whose forward keeps no
+    reference to their object, e.g. ``replicated_with_grad_allreduce``)."""
+    if "forward" not in module.__dict__ and HF_STYLE_ATTR not in module.__dict__:
         return None
-    recorded = getattr(module, HF_STYLE_ATTR, None)
-    if recorded is not None:
-        return recorded
-    try:
-        style_obj = inspect.getclosurevars(module.__dict__["forward"]).nonlocals.get("self")
-    except TypeError:
-        style_obj = None
-    if style_obj is not None:
-        cls_name = type(style_obj).__name__
-        if cls_name in _HF_STYLE_CLASSES:
-            return _HF_STYLE_CLASSES[cls_name]
+    style = installed_tp_style(module)
+    if style is not None and not style.startswith("<"):
+        return style
     plan = getattr(root, "_tp_plan", None) or {}
     if plan:
         from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
-        style = plan.get(name) or plan.get(replace_layer_number_by_wildcard(name))
-        if style is not None:
-            return style
-    return type(style_obj).__name__ if style_obj is not None else "unknown"
+        planned = plan.get(name) or plan.get(replace_layer_number_by_wildcard(name))
+        if planned is not None:
+            return planned
+    if style is not None:
+        return style
+    return "unknown" if getattr(module, "_is_hooked", False) else None
 
 
 def _settle_partial(t: torch.Tensor) -> torch.Tensor:

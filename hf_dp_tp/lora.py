@@ -71,7 +71,6 @@ process onto the full base model.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 
@@ -81,7 +80,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .parallel import HF_STYLE_ATTR
+from .parallel import HF_STYLE_ATTR, installed_tp_style
 
 __all__ = [
     "gather_lora_state_dict",
@@ -104,35 +103,6 @@ class LoraTPError(ValueError):
 
 
 # --------------------------------------------------------------------------- style detection
-def installed_tp_style(module: nn.Module) -> str | None:
-    """Name of the transformers TP style installed on ``module``, else None.
-
-    Read from :data:`~hf_dp_tp.parallel.HF_STYLE_ATTR` (set by ``apply_tp_plan``), else from the
-    style object captured by the forward transformers installed (``from_pretrained`` with a
-    ``DistributedConfig``). An installed style that is not a registered one gives ``"<ClassName>"``.
-    """
-    recorded = getattr(module, HF_STYLE_ATTR, None)
-    if recorded is not None:
-        return recorded
-    forward = module.__dict__.get("forward")
-    if forward is None:
-        return None
-    try:
-        style_obj = inspect.getclosurevars(forward).nonlocals.get("self")
-    except TypeError:
-        return None
-    if style_obj is None:
-        return None
-    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
-
-    for name, style in ALL_PARALLEL_STYLES.items():
-        if style is style_obj:
-            return name
-    if isinstance(style_obj, TensorParallelLayer):
-        return f"<{type(style_obj).__name__}>"
-    return None
-
-
 def _has_dtensor_params(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters(recurse=False))
 

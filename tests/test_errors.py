@@ -614,7 +614,7 @@ def _errors_worker(rank: int, world: int) -> dict[str, str]:
         results,
         "hf_style_all_reduce_direct",
         UnsupportedLayoutError,
-        r"module 'head' \(Linear\) uses the transformers TP style 'AllReduceParallel'.*supported",
+        r"module 'head' \(Linear\) uses the transformers TP style 'all_reduce'.*supported",
         lambda: hf_style(False),
     )
     _expect(
