@@ -18,6 +18,7 @@ with ``torchrun`` or ``accelerate launch``. What changes relative to ``Trainer``
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -86,6 +87,28 @@ def _is_peft(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
+
+
+_CLEANUP_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear the process groups (the mesh's sub-groups included) down before the interpreter
+    exits: left to interpreter shutdown, gloo's threads can abort the process after training."""
+    global _CLEANUP_REGISTERED
+    if _CLEANUP_REGISTERED:
+        return
+    _CLEANUP_REGISTERED = True
+
+    def cleanup() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(cleanup)
+
+
+def _no_gather(tensors, *args, **kwargs):
+    return tensors
 
 
 def _batch_size(inputs: Mapping[str, Any]) -> int:
@@ -160,12 +183,16 @@ class DPTrainer(Trainer):
             raise ValueError("DPTrainer needs a model (model_init is not supported).")
         _ = args.device  # under torchrun/accelerate this initialises torch.distributed
         self.device_mesh = self._build_mesh(args)
+        if self.device_mesh is not None:
+            _destroy_process_group_at_exit()
         model = self._parallelize(model, args)
         super().__init__(model=model, args=args, **kwargs)
         if dist.is_initialized() and dist.get_world_size() > 1:
             # The model owns its placement; accelerate must not wrap it in DDP, and every rank
             # takes part in the gathers of save_model.
             self.is_distributed_loading_by_transformers = True
+            # Every rank evaluates the whole eval set (see _plain_loader): nothing to gather.
+            self.gather_function = _no_gather
         if self.device_mesh is None:
             self.mesh_info = MeshInfo()
         else:

@@ -233,12 +233,14 @@ def _empty_batches_worker(rank: int, world: int, model_dir: str, out: str) -> di
         trainer = DPTrainer(model=models.load_tiny_llama(model_dir), args=args, train_dataset=data)
         trainer.train()
         metrics = trainer.evaluate(eval_dataset=data.select(range(8)))
+        predictions = trainer.predict(data.select(range(8))).predictions
     sampler = trainer._batch_sampler
     sizes = [len(b) for s in range(10) for b in sampler.micro_batches(0, s)]
     return {
         "steps": trainer.state.global_step,
         "empty_micro_batches": sizes.count(0),
         "eval_loss": metrics["eval_loss"],
+        "prediction_rows": int(predictions.shape[0]),
         "epsilon": trainer.get_epsilon(),
     }
 
@@ -252,4 +254,5 @@ def test_empty_poisson_batches_do_not_hang_and_eval_runs(tmp_path):
     assert r0["steps"] == r1["steps"] == 10
     assert r0["empty_micro_batches"] > 0
     assert r0["eval_loss"] == r1["eval_loss"] and r0["eval_loss"] < 10
+    assert r0["prediction_rows"] == r1["prediction_rows"] == 8  # not duplicated per rank
     assert r0["epsilon"] == r1["epsilon"] > 0
