@@ -191,8 +191,7 @@ class DPTrainer(Trainer):
             # The model owns its placement; accelerate must not wrap it in DDP, and every rank
             # takes part in the gathers of save_model.
             self.is_distributed_loading_by_transformers = True
-            # Every rank evaluates the whole eval set (see _plain_loader): nothing to gather.
-            self.gather_function = _no_gather
+
         if self.device_mesh is None:
             self.mesh_info = MeshInfo()
         else:
@@ -445,6 +444,13 @@ class DPTrainer(Trainer):
 
     def get_test_dataloader(self, test_dataset: Dataset) -> DataLoader:
         return self._plain_loader(test_dataset, "test")
+
+    def evaluation_loop(self, *args, **kwargs):
+        # Every rank evaluates the whole set (see _plain_loader): gathering across ranks would
+        # repeat each prediction world_size times. Trainer resets gather_function after each loop.
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.gather_function = _no_gather
+        return super().evaluation_loop(*args, **kwargs)
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
