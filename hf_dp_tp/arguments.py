@@ -121,6 +121,11 @@ class DPTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.fp16:
+            raise ValueError(
+                "fp16=True is not supported by DPTrainer: loss scaling would scale the per-sample "
+                "gradients before they are clipped. Use bf16=True (no loss scaling) instead."
+            )
         if self.max_grad_norm:
             warnings.warn(
                 f"max_grad_norm={self.max_grad_norm} is ignored by DPTrainer: gradients are "

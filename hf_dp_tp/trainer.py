@@ -297,6 +297,13 @@ class DPTrainer(Trainer):
     def train_size(self) -> int:
         if self.train_dataset is None:
             raise ValueError("DPTrainer: training requires a train_dataset.")
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset) or not hasattr(
+            self.train_dataset, "__len__"
+        ):
+            raise ValueError(
+                "DPTrainer needs a map-style train_dataset with a length: Poisson sampling draws "
+                "each of the N records independently (an IterableDataset cannot be sampled)."
+            )
         return len(self.train_dataset)
 
     @property

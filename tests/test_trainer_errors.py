@@ -36,6 +36,8 @@ def test_privacy_arguments_are_validated():
         DPTrainingArguments(**base, noise_multiplier=1.0, target_delta=1.5)
     with pytest.raises(ValueError, match="per_sample_max_grad_norm must be"):
         DPTrainingArguments(**base, noise_multiplier=1.0, per_sample_max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="fp16=True is not supported.*bf16"):
+        DPTrainingArguments(**base, noise_multiplier=1.0, fp16=True)
     with pytest.warns(UserWarning, match="max_grad_norm=1.0 is ignored"):
         args = DPTrainingArguments(**base, noise_multiplier=1.0, max_grad_norm=1.0)
     assert args.max_grad_norm == 0.0 and not args.average_tokens_across_devices
