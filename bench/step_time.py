@@ -82,6 +82,46 @@ def timed(step, args, device) -> list[float]:
     return times
 
 
+def time_non_private(args, mesh, ids, device) -> list[float]:
+    """(a) the same TP model and batch, ordinary training: batch-mean loss, AdamW."""
+    model = build_model(args, device)
+    apply_tp_plan(model, mesh["tp"], "auto")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    split_mixed_param_groups(opt)  # foreach kernels cannot mix DTensor and plain params
+
+    def step():
+        loss_fn(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return timed(step, args, device)
+
+
+def time_dp_tp(args, mesh, ids, device) -> list[float]:
+    """(b) DP-SGD with this package: per-sample grads, clipping, noise, DP all-reduce, AdamW."""
+    model = build_model(args, device)
+    apply_tp_plan(model, mesh["tp"], "auto")
+    controller = GradSampleControllerTP(model, device_mesh=mesh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = DPOptimizerTP(
+            torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=args.batch * mesh["dp"].size(),
+            mesh=controller.mesh,
+        )
+
+    def step():
+        loss_fn(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+
+    times = timed(step, args, device)
+    controller.cleanup()
+    return times
+
+
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -102,47 +142,13 @@ def main() -> None:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
     result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", **vars(args)}
 
-    # (a) non-private TP
-    model = build_model(args, device)
-    apply_tp_plan(model, mesh["tp"], "auto")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    split_mixed_param_groups(opt)  # foreach kernels cannot mix DTensor and plain params
-
-    def plain_step():
-        loss_fn(model, ids).backward()
-        opt.step()
-        opt.zero_grad()
-
-    result["non_private_tp_s"] = statistics.median(timed(plain_step, args, device))
+    result["non_private_tp_s"] = statistics.median(time_non_private(args, mesh, ids, device))
     result["non_private_peak_mb"] = peak_memory_mb(device)
-    del model, opt
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-
-    # (b) DP-SGD on TP
-    model = build_model(args, device)
-    apply_tp_plan(model, mesh["tp"], "auto")
-    controller = GradSampleControllerTP(model, device_mesh=mesh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dp_opt = DPOptimizerTP(
-            torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            expected_batch_size=args.batch * mesh["dp"].size(),
-            mesh=controller.mesh,
-        )
-
-    def dp_step():
-        loss_fn(model, ids).backward()
-        dp_opt.step()
-        dp_opt.zero_grad()
-
-    result["dp_tp_s"] = statistics.median(timed(dp_step, args, device))
+    result["dp_tp_s"] = statistics.median(time_dp_tp(args, mesh, ids, device))
     result["dp_tp_peak_mb"] = peak_memory_mb(device)
     result["ratio_dp_tp_over_non_private"] = result["dp_tp_s"] / result["non_private_tp_s"]
-    controller.cleanup()
-    del model, dp_opt
 
     if args.opacus and dist.get_rank() == 0:
         from opacus import GradSampleModule
