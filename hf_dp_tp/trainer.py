@@ -233,12 +233,6 @@ class DPTrainer(Trainer):
                     f"`torchrun --nproc-per-node {args.tp_size} ...` or `accelerate launch`."
                 )
             return None
-        world = dist.get_world_size()
-        if world % args.tp_size != 0:
-            raise ValueError(
-                f"tp_size={args.tp_size} does not divide the world size {world}; choose one of "
-                f"{[d for d in range(1, world + 1) if world % d == 0]}."
-            )
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         return init_dp_tp_mesh(args.tp_size, device_type)
 

@@ -188,7 +188,7 @@ def error_results(tmp_path_factory):
 @pytest.mark.parametrize(
     "name, pattern",
     [
-        ("tp_not_dividing_world", r"tp_size=3 does not divide the world size 2"),
+        ("tp_not_dividing_world", r"tp_size=3 must divide the world size 2"),
         ("heads_not_divisible", r"num_attention_heads=3 is not divisible by tp_size=2"),
         ("auto_plan_without_hf_plan", r"has no HF tp_plan.*explicit plan"),
         (
