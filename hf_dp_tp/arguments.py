@@ -134,6 +134,8 @@ class DPTrainingArguments(TrainingArguments):
                 stacklevel=2,
             )
             self.max_grad_norm = 0.0
+        if isinstance(self.tp_plan, str) and self.tp_plan.lower() in ("none", ""):
+            self.tp_plan = None  # from the command line
         if self.average_tokens_across_devices:
             self.average_tokens_across_devices = False
         if not torch.cuda.is_available() and not self.use_cpu:
@@ -142,6 +144,17 @@ class DPTrainingArguments(TrainingArguments):
             )
         super().__post_init__()
         self._validate_privacy_settings()
+
+    def to_dict(self) -> dict:
+        """As ``TrainingArguments.to_dict``, with torch ``ParallelStyle`` objects of a dict
+        ``tp_plan`` written as their ``repr`` (so logging integrations can serialise it)."""
+        out = super().to_dict()
+        if isinstance(out.get("tp_plan"), dict):
+            out["tp_plan"] = {
+                key: style if isinstance(style, str) else repr(style)
+                for key, style in out["tp_plan"].items()
+            }
+        return out
 
     def _validate_privacy_settings(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):

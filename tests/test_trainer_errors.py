@@ -62,6 +62,27 @@ def test_hf_argument_parser_exposes_privacy_fields():
         ["--output_dir", "/tmp/x", "--target_epsilon", "4", "--tp_size", "2", "--accountant", "rdp"]
     )
     assert args.target_epsilon == 4.0 and args.tp_size == 2 and args.accountant == "rdp"
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "/tmp/x", "--noise_multiplier", "1", "--tp_plan", "none"]
+    )
+    assert args.tp_plan is None
+
+
+def test_dict_plan_with_torch_styles_serialises_for_loggers():
+    import json
+
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from hf_dp_tp import DPTrainingArguments
+
+    plan = {"model.layers.*.mlp.up_proj": ColwiseParallel(), "lm_head": "colwise_gather_output"}
+    args = DPTrainingArguments(
+        output_dir="/tmp/x", noise_multiplier=1.0, tp_plan=plan, report_to=[]
+    )
+    logged = json.loads(args.to_json_string())["tp_plan"]
+    assert logged["lm_head"] == "colwise_gather_output"
+    assert "ColwiseParallel" in logged["model.layers.*.mlp.up_proj"]
+    assert args.tp_plan is plan  # the live plan is untouched
 
 
 # --------------------------------------------------------------------------- one process
