@@ -181,6 +181,7 @@ def main() -> None:
     dist.barrier()
     if dist.get_rank() == 0:
         print(json.dumps(result))
+    dist.barrier()  # let every rank finish its last collective before gloo is torn down
     dist.destroy_process_group()
 
 

@@ -293,6 +293,7 @@ def main() -> None:
             f"(uniform-guess loss {math.log(model.config.vocab_size):.3f}, best {math.log(4):.3f})"
         )
     controller.cleanup()
+    dist.barrier()  # let every rank finish its last collective before gloo is torn down
     dist.destroy_process_group()
 
 

@@ -175,6 +175,7 @@ def main() -> None:
             f"at δ = {args.delta:g}"
         )
     controller.cleanup()
+    dist.barrier()  # let every rank finish its last collective before gloo is torn down
     dist.destroy_process_group()
 
 

@@ -1,17 +1,32 @@
 """Differentially private (DP-SGD) fine-tuning of HuggingFace models with tensor parallelism."""
 
-from .accounting import calibrate_noise_multiplier, make_accountant
-from .arguments import DPTrainingArguments
-from .controller import GradSampleControllerTP, per_sample_norms
-from .engine import PrivacyEngineGradSampleController
-from .grad_samplers import UnsupportedLayoutError, register_grad_sampler
-from .lora import prepare_lora_for_tp, save_lora_adapter
-from .optimizer import DPOptimizerTP
-from .parallel import MeshInfo, apply_tp_plan, init_dp_tp_mesh, resolve_mesh
-from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
-from .trainer import DPTrainer
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# Public names -> the submodule that defines them. Imported on first use (PEP 562), so that
+# `import hf_dp_tp.controller` does not pull in transformers' Trainer.
+_EXPORTS = {
+    "DPOptimizerTP": "optimizer",
+    "DPTrainer": "trainer",
+    "DPTrainingArguments": "arguments",
+    "DistributedPoissonBatchSampler": "sampling",
+    "GradSampleControllerTP": "controller",
+    "MeshInfo": "parallel",
+    "PrivacyEngineGradSampleController": "engine",
+    "UnsupportedLayoutError": "grad_samplers",
+    "apply_tp_plan": "parallel",
+    "build_poisson_data_loader": "sampling",
+    "calibrate_noise_multiplier": "accounting",
+    "init_dp_tp_mesh": "parallel",
+    "make_accountant": "accounting",
+    "per_sample_norms": "controller",
+    "prepare_lora_for_tp": "lora",
+    "register_grad_sampler": "grad_samplers",
+    "resolve_mesh": "parallel",
+    "save_lora_adapter": "lora",
+}
 
 __all__ = [
     "DPOptimizerTP",
@@ -33,3 +48,28 @@ __all__ = [
     "resolve_mesh",
     "save_lora_adapter",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from .accounting import calibrate_noise_multiplier, make_accountant
+    from .arguments import DPTrainingArguments
+    from .controller import GradSampleControllerTP, per_sample_norms
+    from .engine import PrivacyEngineGradSampleController
+    from .grad_samplers import UnsupportedLayoutError, register_grad_sampler
+    from .lora import prepare_lora_for_tp, save_lora_adapter
+    from .optimizer import DPOptimizerTP
+    from .parallel import MeshInfo, apply_tp_plan, init_dp_tp_mesh, resolve_mesh
+    from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
+    from .trainer import DPTrainer

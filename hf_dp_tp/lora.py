@@ -505,7 +505,14 @@ def save_lora_adapter(model: nn.Module, output_dir: str | os.PathLike, **kwargs)
                 raise
             error = f"{type(err).__name__}: {err}"
     if distributed:
-        status = [error]
-        dist.broadcast_object_list(status, src=0)
-        if status[0] is not None:
-            raise RuntimeError(f"save_lora_adapter failed on rank 0: {status[0]}")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else "cpu"
+        )
+        failed = torch.tensor([error is not None], dtype=torch.uint8, device=device)
+        dist.broadcast(failed, src=0)
+        if error is not None:
+            raise RuntimeError(f"save_lora_adapter failed: {error}")
+        if bool(failed.item()):
+            raise RuntimeError("save_lora_adapter failed on rank 0 (see rank 0's error)")

@@ -100,15 +100,23 @@ def _group_source(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_global_rank(group, 0)
 
 
-def _broadcast_from_first(value: object, group: dist.ProcessGroup | None) -> object:
-    """Broadcast ``value`` (meaningful on the group's first rank only) to every rank of the group.
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    ``broadcast_object_list`` works with gloo and NCCL (with NCCL the current CUDA device must be
-    set, as usual).
+
+def _broadcast_bytes(data: bytes | None, length: int, group: dist.ProcessGroup | None) -> bytes:
+    """Broadcast ``length`` bytes (meaningful on the group's first rank only) to every rank.
+
+    A plain tensor broadcast (not ``broadcast_object_list``, which was seen to leave gloo in a
+    state that aborts the process at interpreter exit).
     """
-    payload = [value]
-    dist.broadcast_object_list(payload, src=_group_source(group), group=group)
-    return payload[0]
+    buffer = torch.zeros(length, dtype=torch.uint8, device=_collective_device(group))
+    if data is not None:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buffer, src=_group_source(group), group=group)
+    return bytes(buffer.cpu().tolist())
 
 
 def _is_first_rank(group: dist.ProcessGroup | None) -> bool:
@@ -136,9 +144,8 @@ def agree_on_seed(seed: int | None, group: dist.ProcessGroup | None = None) -> i
         return int.from_bytes(os.urandom(8), "big") >> (64 - _SEED_BITS)
     _check_group_member(group)
     local = int.from_bytes(os.urandom(8), "big") >> (64 - _SEED_BITS)
-    agreed = _broadcast_from_first(local if _is_first_rank(group) else None, group)
-    assert isinstance(agreed, int)
-    return agreed
+    payload = local.to_bytes(8, "big") if _is_first_rank(group) else None
+    return int.from_bytes(_broadcast_bytes(payload, 8, group), "big")
 
 
 def _check_key(key: object) -> bytes:
@@ -167,9 +174,8 @@ def agree_on_key(key: bytes | None, group: dist.ProcessGroup | None = None) -> b
     if not (dist.is_available() and dist.is_initialized()):
         return os.urandom(KEY_BYTES)
     _check_group_member(group)
-    agreed = _broadcast_from_first(os.urandom(KEY_BYTES) if _is_first_rank(group) else None, group)
-    assert isinstance(agreed, bytes)
-    return agreed
+    payload = os.urandom(KEY_BYTES) if _is_first_rank(group) else None
+    return _broadcast_bytes(payload, KEY_BYTES, group)
 
 
 def _check_count(n: int) -> int:

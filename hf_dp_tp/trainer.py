@@ -24,6 +24,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -101,8 +102,17 @@ def _destroy_process_group_at_exit() -> None:
     _CLEANUP_REGISTERED = True
 
     def cleanup() -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_backend() == "gloo":
+            # Wait for the peers first: a rank tearing gloo down while another still completes
+            # the last collective aborts one of them ("terminate called without an active
+            # exception"). Bounded, so a rank left behind by a failed peer still exits.
+            try:
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            except RuntimeError:
+                pass
+        dist.destroy_process_group()
 
     atexit.register(cleanup)
 
