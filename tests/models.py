@@ -249,3 +249,23 @@ def markov_records(n: int, seq: int, vocab: int, seed: int = 0) -> dict[str, lis
         pick = torch.randint(0, 2, (n,), generator=g)
         ids[:, t] = successors[ids[:, t - 1], pick]
     return {"input_ids": ids.tolist(), "labels": ids.tolist()}
+
+
+def dp_optimizer(
+    optimizer, mesh, *, clip: float, expected_batch: float, sigma: float = 0.0, **kwargs
+):
+    """``DPOptimizerTP`` for tests, without the σ = 0 "not private" warning."""
+    import warnings
+
+    from hf_dp_tp import DPOptimizerTP
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DPOptimizerTP(
+            optimizer,
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            expected_batch_size=expected_batch,
+            mesh=mesh,
+            **kwargs,
+        )

@@ -9,12 +9,11 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from hf_dp_tp import DPOptimizerTP, GradSampleControllerTP, init_dp_tp_mesh
+from hf_dp_tp import GradSampleControllerTP, init_dp_tp_mesh
 from hf_dp_tp.parallel import apply_tp_plan, resolve_mesh
 from tests import models
 from tests.distributed_harness import run_distributed
@@ -31,16 +30,14 @@ def _accumulation_run(base, mesh, batch, mode: str, sigma: float) -> dict[str, t
     model = copy.deepcopy(base)
     apply_tp_plan(model, mesh["tp"], models.toy_mlp_plan())
     controller = GradSampleControllerTP(model, device_mesh=mesh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimizer = DPOptimizerTP(
-            torch.optim.SGD(model.parameters(), lr=0.0),
-            noise_multiplier=sigma,
-            max_grad_norm=0.05,
-            expected_batch_size=8,
-            mesh=controller.mesh,
-            noise_seed=11,
-        )
+    optimizer = models.dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        controller.mesh,
+        clip=0.05,
+        expected_batch=8,
+        sigma=sigma,
+        noise_seed=11,
+    )
     halves = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
     if mode == "one_batch":
         models.toy_mlp_losses(model, batch).mean().backward()
@@ -118,15 +115,9 @@ def _hooks_mode_errors(dp_rank: int, dp_size: int) -> dict[str, float]:
 
     mesh = resolve_mesh(model, None, tp=False)
     controller = GradSampleControllerTP(model, grad_sample_mode="hooks", mesh_info=mesh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimizer = DPOptimizerTP(
-            torch.optim.SGD(model.parameters(), lr=0.0),
-            noise_multiplier=0.0,
-            max_grad_norm=clip,
-            expected_batch_size=6,
-            mesh=mesh,
-        )
+    optimizer = models.dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), mesh, clip=clip, expected_batch=6
+    )
     share = {k: v[dp_rank::dp_size] for k, v in batch.items()}
     _gpt2_losses(model, share).mean().backward()
     got_norms = controller.get_per_sample_norms()

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from hf_dp_tp import DPOptimizerTP, GradSampleControllerTP, init_dp_tp_mesh, per_sample_norms
+from hf_dp_tp import GradSampleControllerTP, init_dp_tp_mesh, per_sample_norms
 from hf_dp_tp.parallel import ParamLayout, apply_tp_plan
 from tests import models
 from tests.distributed_harness import run_distributed
@@ -78,15 +77,9 @@ def _optimizer_worker(rank: int, world: int) -> dict[str, float]:
         model = copy.deepcopy(base)
         apply_tp_plan(model, mesh["tp"], models.toy_mlp_plan())
         controller = GradSampleControllerTP(model, device_mesh=mesh)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            optimizer = DPOptimizerTP(
-                factory(model.parameters()),
-                noise_multiplier=0.0,
-                max_grad_norm=0.05,
-                expected_batch_size=8,
-                mesh=controller.mesh,
-            )
+        optimizer = models.dp_optimizer(
+            factory(model.parameters()), controller.mesh, clip=0.05, expected_batch=8
+        )
         models.toy_mlp_losses(model, batch).mean().backward()
         optimizer.step()
         assert all(
@@ -106,15 +99,9 @@ def _optimizer_worker(rank: int, world: int) -> dict[str, float]:
     expected = models.reference_dp_update(grads, ref_norms, 0.05, 8)
     apply_tp_plan(bf16, mesh["tp"], models.toy_mlp_plan())
     controller = GradSampleControllerTP(bf16, device_mesh=mesh)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimizer = DPOptimizerTP(
-            torch.optim.SGD(bf16.parameters(), lr=0.0),
-            noise_multiplier=0.0,
-            max_grad_norm=0.05,
-            expected_batch_size=8,
-            mesh=controller.mesh,
-        )
+    optimizer = models.dp_optimizer(
+        torch.optim.SGD(bf16.parameters(), lr=0.0), controller.mesh, clip=0.05, expected_batch=8
+    )
     models.toy_mlp_losses(bf16, {k: v.bfloat16() for k, v in batch.items()}).mean().backward()
     norms = controller.get_per_sample_norms()
     optimizer.step()
@@ -151,15 +138,9 @@ def test_empty_batch_through_hooks_samplers_and_step():
     forward = model.forward
     model.forward = lambda ids: forward(ids) + model.norm3(torch.zeros(ids.shape[0], 16)).sum()
     controller = GradSampleControllerTP(model, grad_sample_mode="hooks")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimizer = DPOptimizerTP(
-            torch.optim.SGD(model.parameters(), lr=1.0),
-            noise_multiplier=0.0,
-            max_grad_norm=1.0,
-            expected_batch_size=4,
-            mesh=_single_mesh(),
-        )
+    optimizer = models.dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), _single_mesh(), clip=1.0, expected_batch=4
+    )
     empty = {"input_ids": torch.zeros(0, 6, dtype=torch.long)}
     models.embed_norm_losses(model, empty).sum().backward()
     assert all(p.grad_sample.shape[0] == 0 for p in model.parameters())

@@ -11,13 +11,12 @@ does not read it breaks these equalities.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from hf_dp_tp import DPOptimizerTP, GradSampleControllerTP, init_dp_tp_mesh
+from hf_dp_tp import GradSampleControllerTP, init_dp_tp_mesh
 from hf_dp_tp.parallel import apply_tp_plan
 from tests import models
 from tests.distributed_harness import run_distributed
@@ -74,15 +73,12 @@ def _run_case(name: str, tmp: str, tp_size: int, empty_share: bool = False) -> d
     if plan is not None:
         apply_tp_plan(model, mesh["tp"], plan)
     controller = GradSampleControllerTP(model, device_mesh=mesh if plan is not None else None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimizer = DPOptimizerTP(
-            torch.optim.SGD(model.parameters(), lr=1.0),
-            noise_multiplier=0.0,
-            max_grad_norm=clip,
-            expected_batch_size=BATCH,
-            mesh=controller.mesh,
-        )
+    optimizer = models.dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        controller.mesh,
+        clip=clip,
+        expected_batch=BATCH,
+    )
     rows = slice(dp_rank, None, dp_size)
     if empty_share:  # DP rank 0 draws the whole logical batch, DP rank 1 an empty one
         rows = slice(0, None) if dp_rank == 0 else slice(0, 0)
