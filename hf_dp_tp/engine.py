@@ -85,20 +85,7 @@ class PrivacyEngineGradSampleController:
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches}")
         mesh = resolve_mesh(module, device_mesh, tp=grad_sample_mode == "tp")
-        num_samples = len(data_loader.dataset)
-        batch_size = data_loader.batch_size
-        if batch_size is None:
-            raise ValueError(
-                "the data loader must have a batch_size (the expected per-DP-rank logical batch); "
-                "loaders built from a custom batch_sampler are not supported."
-            )
-        expected_batch = batch_size * mesh.dp_size
-        if expected_batch > num_samples:
-            raise ValueError(
-                f"expected logical batch {expected_batch} (batch_size {batch_size} × dp_size "
-                f"{mesh.dp_size}) exceeds the dataset size {num_samples}."
-            )
-        self.sample_rate = expected_batch / num_samples
+        expected_batch, self.sample_rate = _batch_plan(data_loader, mesh.dp_size)
         if poisson_sampling:
             data_loader = build_poisson_data_loader(
                 data_loader,
@@ -159,9 +146,7 @@ class PrivacyEngineGradSampleController:
         mesh_probe = resolve_mesh(
             module, kwargs.get("device_mesh"), tp=kwargs.get("grad_sample_mode", "tp") == "tp"
         )
-        if data_loader.batch_size is None:
-            raise ValueError("the data loader must have a batch_size")
-        sample_rate = data_loader.batch_size * mesh_probe.dp_size / len(data_loader.dataset)
+        _, sample_rate = _batch_plan(data_loader, mesh_probe.dp_size)
         if steps is None:
             steps = int(epochs * max(1, round(1 / sample_rate)))
         sigma = calibrate_noise_multiplier(
@@ -200,3 +185,22 @@ class PrivacyEngineGradSampleController:
             self.batch_sampler.load_state_dict(state["sampler"])
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_dp_state_dict(state["optimizer"])
+
+
+def _batch_plan(data_loader: DataLoader, dp_size: int) -> tuple[int, float]:
+    """``(B̄, q)``: ``batch_size`` is the expected logical batch per DP rank, so the expected
+    global logical batch is ``batch_size × dp_size`` and ``q = B̄ / len(dataset)``."""
+    num_samples = len(data_loader.dataset)
+    batch_size = data_loader.batch_size
+    if batch_size is None:
+        raise ValueError(
+            "the data loader must have a batch_size (the expected per-DP-rank logical batch); "
+            "loaders built from a custom batch_sampler are not supported."
+        )
+    expected_batch = batch_size * dp_size
+    if expected_batch > num_samples:
+        raise ValueError(
+            f"expected logical batch {expected_batch} (batch_size {batch_size} × dp_size "
+            f"{dp_size}) exceeds the dataset size {num_samples}."
+        )
+    return expected_batch, expected_batch / num_samples

@@ -80,7 +80,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .parallel import HF_STYLE_ATTR, installed_tp_style
+from .parallel import HF_STYLE_ATTR, full_state_dict, installed_tp_style, shard_extent
 
 __all__ = [
     "gather_lora_state_dict",
@@ -241,12 +241,6 @@ def _check_wrappers(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- full values
-def _chunk(size: int, rank: int, world: int) -> tuple[int, int]:
-    chunk = -(-size // world)
-    offset = min(rank * chunk, size)
-    return offset, max(0, min(chunk, size - offset))
-
-
 def _full_from_local(local: torch.Tensor, dim: int, full: int, mesh: DeviceMesh) -> torch.Tensor:
     shape = list(local.shape)
     shape[dim] = full
@@ -420,7 +414,7 @@ def _full_value(name, layer, adapter, factor, pname, p, base, style, mesh, confi
     local_shape = None
     if factor == sharded_factor:
         local_shape = list(full_shape)
-        local_shape[dim] = _chunk(full_shape[dim], mesh.get_local_rank(), mesh.size())[1]
+        local_shape[dim] = shard_extent(full_shape[dim], mesh.get_local_rank(), mesh.size())[1]
         local_shape = tuple(local_shape)
     if isinstance(p, DTensor):
         if tuple(p.shape) != full_shape:
@@ -462,16 +456,9 @@ def _candidate_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Collective over each DTensor's mesh: every rank must call it.
     """
     keep = ("lora_", "modules_to_save", "trainable_tokens")
-    out = {}
-    for key, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        if not (any(k in key for k in keep) or key.endswith(".bias")):
-            continue
-        if isinstance(value, DTensor):
-            value = value.full_tensor()
-        out[key] = value.detach().to("cpu", copy=True).contiguous()  # never a view of the param
-    return out
+    return full_state_dict(
+        model, keep=lambda name: any(k in name for k in keep) or name.endswith(".bias")
+    )
 
 
 def gather_lora_state_dict(

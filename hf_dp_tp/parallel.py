@@ -8,6 +8,7 @@ reduction in this package names one of those two groups, never WORLD.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,33 @@ class ParamLayout:
         return "Replicate()" if self.shard_dim is None else f"Shard({self.shard_dim})"
 
 
+def shard_extent(size: int, rank: int, world: int) -> tuple[int, int]:
+    """``(offset, length)`` of rank ``rank``'s slice when ``size`` is sharded over ``world`` ranks
+    (torch.chunk semantics, as DTensor ``Shard``: ceil-sized leading chunks)."""
+    chunk = -(-size // world)
+    offset = min(rank * chunk, size)
+    return offset, max(0, min(chunk, size - offset))
+
+
+def full_state_dict(
+    model: nn.Module, keep: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """Entries of ``model.state_dict()`` (those ``keep`` accepts) as full CPU copies, never views
+    of the parameters. A collective for DTensor entries: every rank must call it. Tied entries
+    stay one tensor, as ``save_pretrained`` expects."""
+    gathered: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor) or (keep is not None and not keep(name)):
+            continue
+        key = id(tensor)
+        if key not in gathered:
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            gathered[key] = full.detach().to("cpu", copy=True).contiguous()
+        out[name] = gathered[key]
+    return out
+
+
 def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
     """Classify a parameter as replicated or sharded on its TP mesh; reject anything else."""
     if not isinstance(param, DTensor):
@@ -213,9 +241,7 @@ def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
         size = global_shape[dim]
         mesh = param.device_mesh
         rank, world = mesh.get_local_rank(), mesh.size()
-        chunk = -(-size // world)  # torch.chunk semantics: ceil-sized leading chunks
-        offset = min(rank * chunk, size)
-        length = max(0, min(chunk, size - offset))
+        offset, length = shard_extent(size, rank, world)
         if local_shape[dim] != length:
             raise ValueError(
                 f"{name}: local shard of size {local_shape[dim]} on dim {dim} does not match the "

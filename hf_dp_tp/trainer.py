@@ -46,6 +46,7 @@ from .parallel import (
     MeshInfo,
     apply_tp_plan,
     check_tp_divisibility,
+    full_state_dict,
     has_dtensor_parameters,
     init_dp_tp_mesh,
     resolve_mesh,
@@ -66,20 +67,6 @@ class PoissonDataLoader(DataLoader):
 
     def set_epoch(self, epoch: int) -> None:
         self.batch_sampler.set_epoch(epoch)
-
-
-def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every entry of ``model.state_dict()`` as a full CPU tensor (a collective on TP ranks).
-    Tied entries stay one tensor, as ``save_pretrained`` expects."""
-    gathered: dict[int, torch.Tensor] = {}
-    out = {}
-    for name, tensor in model.state_dict().items():
-        key = id(tensor)
-        if key not in gathered:
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            gathered[key] = full.detach().cpu()
-        out[name] = gathered[key]
-    return out
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -672,7 +659,7 @@ class DPTrainer(Trainer):
                     self.processing_class.save_pretrained(output_dir)
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
             return
-        full = gather_full_state_dict(self.model)  # every rank takes part
+        full = full_state_dict(self.model)  # every rank takes part
         if not self.args.should_save:
             return
         config = getattr(self.model, "config", None)
