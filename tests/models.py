@@ -107,43 +107,32 @@ def embed_norm_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
 
 
 # --------------------------------------------------------------------------- tiny Llama
+TINY_LM = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=32,
+)
+
+
 def tiny_llama_config(tie: bool = False):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
+    return LlamaConfig(**TINY_LM, tie_word_embeddings=tie)
 
 
 def tiny_causal_lm(arch: str = "llama", tie: bool = False, seed: int = 0):
     """A tiny randomly initialised causal LM: ``llama``, ``qwen2`` (q/k/v biases) or ``qwen3``
     (per-head q/k norms, TP style ``replicated_with_grad_allreduce``)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
-    if arch == "llama":
-        config = tiny_llama_config(tie)
-    else:
-        config_cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
-        config = config_cls(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=32,
-            tie_word_embeddings=tie,
-        )
-    return AutoModelForCausalLM.from_config(config)
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    return AutoModelForCausalLM.from_config(config_cls(**TINY_LM, tie_word_embeddings=tie))
 
 
 def save_tiny_llama(path: str, tie: bool = False, seed: int = 0, arch: str = "llama") -> str:
