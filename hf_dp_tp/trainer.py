@@ -183,7 +183,17 @@ class DPTrainer(Trainer):
         if self.device_mesh is not None:
             _destroy_process_group_at_exit()
         model = self._parallelize(model, args)
-        super().__init__(model=model, args=args, **kwargs)
+        # Trainer refuses checkpoints of models sharded at load time (DistributedConfig) because
+        # it cannot save their optimizer state; DPTrainer saves per-rank optimizer state, gathered
+        # weights and the privacy ledger, and loads them back shard by shard (see _save,
+        # _save_optimizer_and_scheduler, _load_from_checkpoint), so that refusal does not apply.
+        save_only_model = args.save_only_model
+        if getattr(model, "is_distributed_loading_by_transformers", False):
+            args.save_only_model = True
+        try:
+            super().__init__(model=model, args=args, **kwargs)
+        finally:
+            args.save_only_model = save_only_model
         if dist.is_initialized() and dist.get_world_size() > 1:
             # The model owns its placement; accelerate must not wrap it in DDP, and every rank
             # takes part in the gathers of save_model.

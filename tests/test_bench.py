@@ -1,0 +1,64 @@
+"""bench/step_time.py runs end to end: one driver call, three fresh worker launches (non-private
+TP and DP-TP under torchrun on 2 CPU processes, single-process opacus), one JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIGS = ("non_private_tp", "dp_tp", "opacus_single_process")
+DP_STAGES = {
+    "forward",
+    "backward_with_per_sample_hooks",
+    "clip_and_norms",
+    "noise_and_reduce",
+    "optimizer_step",
+}
+
+
+@pytest.mark.slow
+def test_step_time_driver_reports_every_field():
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "step_time.py"),
+        *("--steps", "2", "--warmup", "1", "--hidden", "64", "--layers", "1"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout)  # exactly one JSON object on stdout
+
+    assert out["config"]["hidden"] == 64 and out["config"]["layers"] == 1
+    assert out["config"]["nproc"] == out["config"]["tp_size"] * out["config"]["dp_size"] == 2
+    machine = out["machine"]
+    for key in ("cpu_model", "cpu_cores", "torch_version", "device"):
+        assert machine[key], key
+    assert out["threads"]["omp_num_threads_per_worker"] == 1
+    assert out["threads"]["opacus_single_process_threads"] == 2
+    assert out["opacus_single_process_skipped"] is None
+
+    for name in CONFIGS:
+        assert out[f"{name}_s"] > 0, name
+        assert out[f"{name}_peak_mb"] > 0, name
+        assert out[f"{name}_after_build_mb"] > 0, name
+        assert out[f"{name}_peak_mb"] >= out[f"{name}_after_build_mb"] - 1, name
+        assert len(out["step_times_s"][name]) == 2, name
+    assert out["ratio_dp_tp_over_non_private"] == pytest.approx(
+        out["dp_tp_s"] / out["non_private_tp_s"]
+    )
+    assert out["ratio_dp_tp_over_opacus"] == pytest.approx(
+        out["dp_tp_s"] / out["opacus_single_process_s"]
+    )
+
+    assert set(out["dp_tp_breakdown_s"]) == DP_STAGES
+    assert all(v > 0 for v in out["dp_tp_breakdown_s"].values()), out["dp_tp_breakdown_s"]
+    assert {"forward", "backward", "optimizer_step"} <= set(out["non_private_breakdown_s"])
+    assert out["dp_tp_breakdown_extra_s"]["per_sample_hooks_within_backward"] > 0
+    assert isinstance(out["overhead_note"], str) and "dominated by" in out["overhead_note"]

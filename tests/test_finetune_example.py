@@ -1,0 +1,261 @@
+"""The canonical script ``examples/finetune_causal_lm.py``, its shipped assets, the accelerate
+config and the notebook: each run end to end on 2 CPU processes (gloo), checked on what it
+produced — the privacy report, the saved model loaded in one process, the eval loss."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DATA = EXAMPLES / "data"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def _run(cmd: list[str], timeout: int = 420, **env: str) -> str:
+    done = subprocess.run(
+        cmd, env=_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def _load_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("gen", DATA / "generate_clinic_notes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_notes_are_what_the_generator_writes(tmp_path):
+    gen = _generator()
+    gen.NOTES_DIR = tmp_path
+    gen.write_notes()
+    for split in ("train", "validation"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (
+            DATA / "clinic_notes" / f"{split}.jsonl"
+        ).read_bytes()
+    card = (DATA / "clinic_notes" / "README.md").read_text()
+    assert "license: cc0-1.0" in card and "synthetic" in card
+
+
+def test_shipped_tokenizer_and_config_fit_the_notes():
+    from datasets import load_dataset
+    from transformers import AutoConfig, AutoTokenizer
+
+    notes = load_dataset(str(DATA / "clinic_notes"))
+    assert (len(notes["train"]), len(notes["validation"])) == (1600, 200)
+    tokenizer = AutoTokenizer.from_pretrained(str(DATA / "tokenizer"))
+    config = AutoConfig.from_pretrained(str(DATA / "tiny_llama"))
+    assert len(tokenizer) == config.vocab_size == 1024
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert config.num_attention_heads % 2 == 0 and config.num_key_value_heads % 2 == 0
+    encoded = tokenizer(list(notes["train"]["text"]) + list(notes["validation"]["text"]))[
+        "input_ids"
+    ]
+    assert max(len(ids) for ids in encoded) <= 128  # the demo never truncates a note
+    assert all(ids[0] == 1 and ids[-1] == 2 for ids in encoded)
+    text = notes["train"][0]["text"]
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def _script():
+    """The example script as a module (registered first: its dataclasses resolve their module)."""
+    if "finetune_causal_lm" not in sys.modules:
+        path = EXAMPLES / "finetune_causal_lm.py"
+        spec = importlib.util.spec_from_file_location("finetune_causal_lm", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["finetune_causal_lm"]
+
+
+@pytest.mark.parametrize("extension", ["txt", "csv", "jsonl"])
+def test_train_file_without_validation_split_holds_out_a_percentage(tmp_path, extension):
+    script = _script()
+    lines = [f"Note number {i}." for i in range(40)]
+    path = tmp_path / f"notes.{extension}"
+    if extension == "txt":
+        path.write_text("\n".join(lines) + "\n")
+    elif extension == "csv":
+        path.write_text("text\n" + "\n".join(lines) + "\n")
+    else:
+        path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    data_args = script.DataArguments(train_file=str(path), validation_split_percentage=10)
+    raw = script.load_raw_datasets(data_args, seed=0)
+    assert (len(raw["train"]), len(raw["validation"])) == (36, 4)
+    assert sorted([*raw["train"]["text"], *raw["validation"]["text"]]) == sorted(lines)
+
+
+def test_demo_defaults_parse_and_real_flags_override_them():
+    script = _script()
+    model_args, data_args, args = script.parse_args(["--output_dir", "x", "--disable_tqdm", "true"])
+    assert model_args.model_name_or_path is None and data_args.dataset_name is None
+    assert (args.tp_size, args.target_epsilon, args.target_delta) == (2, 8.0, 1e-5)
+    assert args.per_device_train_batch_size == 64 and args.max_grad_norm == 0.0
+    _, _, args = script.parse_args(
+        ["--output_dir", "x", "--tp_size", "1", "--learning_rate", "1e-4", "--accountant", "rdp"]
+    )
+    assert (args.tp_size, args.learning_rate, args.accountant) == (1, 1e-4, "rdp")
+
+
+def test_collator_masks_padding_out_of_the_labels():
+    CausalLMPaddingCollator = _script().CausalLMPaddingCollator
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DATA / "tokenizer"))
+    features = [dict(tokenizer(t)) for t in ("Follow-up in 2 weeks.", "Non-smoker.")]
+    batch = CausalLMPaddingCollator(tokenizer)(features)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        assert batch["labels"][row, :n].tolist() == feature["input_ids"]  # eos kept as a label
+        assert (batch["labels"][row, n:] == -100).all()
+
+
+@pytest.mark.slow
+def test_demo_defaults_under_accelerate_launch(tmp_path):
+    """The README's demo through ``accelerate launch`` with the CPU/gloo config, shortened to 4
+    steps: σ calibrated for those steps, ε within the target, an ordinary saved checkpoint."""
+    out = tmp_path / "demo"
+    stdout = _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(EXAMPLES / "accelerate_configs" / "cpu_gloo.yaml"),
+            str(EXAMPLES / "finetune_causal_lm.py"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--max_eval_samples",
+            "50",
+            "--logging_steps",
+            "1",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    report = _load_json(out / "privacy_report.json")
+    summary = _load_json(out / "demo_summary.json")
+    assert report["steps"] == 4 and report["tp_size"] == 2 and report["dp_size"] == 1
+    assert report["dataset_size"] == 1600 and report["sample_rate"] == pytest.approx(0.04)
+    assert 7.0 < report["epsilon"] <= 8.0 and report["delta"] == 1e-5
+    assert summary["privacy"]["epsilon"] == report["epsilon"]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert f"saved to {out}" in stdout and "before training: eval loss" in stdout
+    logged = [r for r in _load_json(out / "trainer_state.json")["log_history"] if "loss" in r]
+    epsilons = [r["epsilon"] for r in logged]
+    assert len(epsilons) == 4 and epsilons == sorted(epsilons)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # one process, no distributed config
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert getattr(model.config, "distributed_config", None) is None
+    ids = tokenizer("Mr. Ada Carrow, 40, came in today", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.slow
+def test_pretrained_model_hub_style_dataset_and_lora_under_torchrun(tmp_path):
+    """The user path: ``--model_name_or_path`` (a local checkpoint, loaded shard by shard with
+    transformers' DistributedConfig since dp = 1), ``--dataset_name`` (a local dataset
+    directory), LoRA; the saved adapter loads with peft in one process and differs from init."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(DATA / "tiny_llama")
+    ).save_pretrained(base)
+    AutoTokenizer.from_pretrained(DATA / "tokenizer").save_pretrained(base)
+    out = tmp_path / "lora"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(EXAMPLES / "finetune_causal_lm.py"),
+            "--model_name_or_path",
+            str(base),
+            "--dataset_name",
+            str(DATA / "clinic_notes"),
+            "--use_lora",
+            "true",
+            "--learning_rate",
+            "1e-2",
+            "--max_steps",
+            "3",
+            "--max_train_samples",
+            "400",
+            "--max_eval_samples",
+            "20",
+            "--per_device_train_batch_size",
+            "32",
+            "--target_epsilon",
+            "4",
+            "--output_dir",
+            str(out),
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    report = _load_json(out / "privacy_report.json")
+    assert report["steps"] == 3 and report["dataset_size"] == 400
+    assert 3.0 < report["epsilon"] <= 4.0
+
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 4 * 7  # every attention and MLP projection of the 4 layers
+    assert all(p.abs().max() > 0 for p in lora_b)  # trained (peft initialises B to zero)
+
+
+@pytest.mark.slow
+def test_notebook_executes_top_to_bottom_on_cpu(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("matplotlib")
+
+    path = ROOT / "notebooks" / "dp_tp_finetune_demo.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    out = tmp_path / "notebook"
+    os.environ.update(
+        HF_DP_TP_NOTEBOOK_QUICK="1", HF_DP_TP_NOTEBOOK_OUTPUT_DIR=str(out), MPLBACKEND="Agg"
+    )
+    try:
+        nbclient.NotebookClient(
+            notebook,
+            timeout=420,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
+        ).execute()  # raises CellExecutionError if any cell fails
+    finally:
+        for key in ("HF_DP_TP_NOTEBOOK_QUICK", "HF_DP_TP_NOTEBOOK_OUTPUT_DIR", "MPLBACKEND"):
+            os.environ.pop(key, None)
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss / ε plot
+    assert _load_json(out / "privacy_report.json")["steps"] == 6
