@@ -170,7 +170,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{what}; overrides the preset")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--no_opacus", action="store_true", help="skip (c), single-process opacus")
-    p.add_argument("--opacus", action="store_true", help=argparse.SUPPRESS)  # (c) is the default
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per worker run")
     # internal: one configuration, launched by the driver
     p.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
@@ -364,7 +363,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
 
     from hf_dp_tp import DPOptimizerTP, GradSampleControllerTP, init_dp_tp_mesh
     from hf_dp_tp.optimizer import split_mixed_param_groups
-    from hf_dp_tp.parallel import apply_tp_plan
+    from hf_dp_tp.parallel import apply_tp_plan, destroy_process_groups
 
     warnings.filterwarnings("ignore")
     world = int(os.environ["WORLD_SIZE"])
@@ -482,8 +481,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
                 "instrumented_step": medians["total"],
             }
         write_json(result_file, result)
-    dist.barrier()  # let every rank finish its last collective before gloo is torn down
-    dist.destroy_process_group()
+    destroy_process_groups()
 
 
 # ---------------------------------------------------------------------------- worker (c)

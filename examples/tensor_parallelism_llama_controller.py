@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -57,7 +56,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from hf_dp_tp import PrivacyEngineGradSampleController, init_dp_tp_mesh
-from hf_dp_tp.parallel import apply_tp_plan
+from hf_dp_tp.parallel import apply_tp_plan, destroy_process_groups, init_distributed
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,21 +95,6 @@ def parse_args() -> argparse.Namespace:
         "--secure_mode", action="store_true", help="OS-CSPRNG noise and keyed Poisson masks"
     )
     return parser.parse_args()
-
-
-def init_distributed() -> torch.device:
-    """NCCL with one GPU per process if there are enough GPUs, gloo on CPU otherwise."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dist.init_process_group("gloo")
-    return device
 
 
 def sequence_parallel_plan() -> dict:
@@ -293,8 +277,7 @@ def main() -> None:
             f"(uniform-guess loss {math.log(model.config.vocab_size):.3f}, best {math.log(4):.3f})"
         )
     controller.cleanup()
-    dist.barrier()  # let every rank finish its last collective before gloo is torn down
-    dist.destroy_process_group()
+    destroy_process_groups()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ gloo on CPU; NCCL with one GPU per process when there are at least as many GPUs 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -39,7 +38,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from hf_dp_tp import PrivacyEngineGradSampleController, init_dp_tp_mesh
-from hf_dp_tp.parallel import apply_tp_plan
+from hf_dp_tp.parallel import apply_tp_plan, destroy_process_groups, init_distributed
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,21 +55,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def init_distributed() -> torch.device:
-    """NCCL with one GPU per process if there are enough GPUs, gloo on CPU otherwise."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dist.init_process_group("gloo")
-    return device
 
 
 class ToyNet(nn.Module):
@@ -175,8 +159,7 @@ def main() -> None:
             f"at δ = {args.delta:g}"
         )
     controller.cleanup()
-    dist.barrier()  # let every rank finish its last collective before gloo is torn down
-    dist.destroy_process_group()
+    destroy_process_groups()
 
 
 if __name__ == "__main__":

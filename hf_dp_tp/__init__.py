@@ -19,6 +19,8 @@ _EXPORTS = {
     "apply_tp_plan": "parallel",
     "build_poisson_data_loader": "sampling",
     "calibrate_noise_multiplier": "accounting",
+    "destroy_process_groups": "parallel",
+    "init_distributed": "parallel",
     "init_dp_tp_mesh": "parallel",
     "make_accountant": "accounting",
     "per_sample_norms": "controller",
@@ -40,6 +42,8 @@ __all__ = [
     "apply_tp_plan",
     "build_poisson_data_loader",
     "calibrate_noise_multiplier",
+    "destroy_process_groups",
+    "init_distributed",
     "init_dp_tp_mesh",
     "make_accountant",
     "per_sample_norms",
@@ -70,6 +74,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .grad_samplers import UnsupportedLayoutError, register_grad_sampler
     from .lora import prepare_lora_for_tp, save_lora_adapter
     from .optimizer import DPOptimizerTP
-    from .parallel import MeshInfo, apply_tp_plan, init_dp_tp_mesh, resolve_mesh
+    from .parallel import (
+        MeshInfo,
+        apply_tp_plan,
+        destroy_process_groups,
+        init_distributed,
+        init_dp_tp_mesh,
+        resolve_mesh,
+    )
     from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
     from .trainer import DPTrainer

@@ -8,8 +8,10 @@ reduction in this package names one of those two groups, never WORLD.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,39 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 DP_DIM = "dp"
 TP_DIM = "tp"
+
+
+def init_distributed() -> torch.device:
+    """Initialise torch.distributed from the launcher's environment (torchrun, accelerate) and
+    return this process's device: NCCL with one GPU per process when the node has at least as
+    many GPUs as local processes, otherwise gloo on CPU with the cores split between them."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dist.init_process_group("gloo")
+    return device
+
+
+def destroy_process_groups(timeout: timedelta = timedelta(seconds=60)) -> None:
+    """Tear torch.distributed down (the mesh's sub-groups included); a no-op if it is not up.
+
+    Under gloo every rank first waits for its peers (bounded by ``timeout``, so a rank left behind
+    by a failed peer still exits): a rank tearing gloo down while another still completes the last
+    collective aborts one of them ("terminate called without an active exception")."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timeout)
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()
 
 
 def init_dp_tp_mesh(tp_size: int, device_type: str | None = None) -> DeviceMesh:

@@ -24,7 +24,6 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ from .parallel import (
     MeshInfo,
     apply_tp_plan,
     check_tp_divisibility,
+    destroy_process_groups,
     full_state_dict,
     has_dtensor_parameters,
     init_dp_tp_mesh,
@@ -81,27 +81,13 @@ _CLEANUP_REGISTERED = False
 
 
 def _destroy_process_group_at_exit() -> None:
-    """Tear the process groups (the mesh's sub-groups included) down before the interpreter
-    exits: left to interpreter shutdown, gloo's threads can abort the process after training."""
+    """Tear the process groups down before the interpreter exits: left to interpreter shutdown,
+    gloo's threads can abort the process after training."""
     global _CLEANUP_REGISTERED
     if _CLEANUP_REGISTERED:
         return
     _CLEANUP_REGISTERED = True
-
-    def cleanup() -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        if dist.get_backend() == "gloo":
-            # Wait for the peers first: a rank tearing gloo down while another still completes
-            # the last collective aborts one of them ("terminate called without an active
-            # exception"). Bounded, so a rank left behind by a failed peer still exits.
-            try:
-                dist.monitored_barrier(timeout=timedelta(seconds=60))
-            except RuntimeError:
-                pass
-        dist.destroy_process_group()
-
-    atexit.register(cleanup)
+    atexit.register(destroy_process_groups)
 
 
 def _no_gather(tensors, *args, **kwargs):
