@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,3 +98,37 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
             torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
             for r in range(world_size)
         ]
+
+
+# --------------------------------------------------------------------------- launched scripts
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment of a script launched from a test: the repo importable, one thread per
+    process (2 processes share the 2 CI cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def torchrun_command(script: str | Path, *args: str, nproc: int = 2) -> list[str]:
+    """``torchrun --standalone`` (it picks a free port itself) on ``nproc`` local processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        str(script),
+        *args,
+    ]
+
+
+def run_script(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 420) -> str:
+    """Run ``cmd`` from the repo root; fail with the tail of its output unless it exits 0.
+    Returns its stdout."""
+    done = subprocess.run(
+        cmd, env=env or script_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.distributed_harness import ROOT, run_script
 
 CONFIGS = ("non_private_tp", "dp_tp", "opacus_single_process")
 DP_STAGES = {
@@ -30,10 +28,8 @@ def test_step_time_driver_reports_every_field():
         str(ROOT / "bench" / "step_time.py"),
         *("--steps", "2", "--warmup", "1", "--hidden", "64", "--layers", "1"),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = json.loads(done.stdout)  # exactly one JSON object on stdout
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the driver's default
+    out = json.loads(run_script(cmd, env=env, timeout=300))  # exactly one JSON object on stdout
 
     assert out["config"]["hidden"] == 64 and out["config"]["layers"] == 1
     assert out["config"]["nproc"] == out["config"]["tp_size"] * out["config"]["dp_size"] == 2

@@ -3,32 +3,15 @@ finite ε that grows with the steps."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.distributed_harness import ROOT, run_script, torchrun_command
 
 
 def _torchrun(script: str, *args: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # torchrun picks a free port itself
-        "--nproc-per-node",
-        "2",
-        str(ROOT / "examples" / script),
-        *args,
-    ]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return run_script(torchrun_command(ROOT / "examples" / script, *args), timeout=300)
 
 
 def _epsilons(output: str) -> list[float]:

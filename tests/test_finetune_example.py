@@ -7,28 +7,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.distributed_harness import ROOT, run_script, torchrun_command
+
 EXAMPLES = ROOT / "examples"
 DATA = EXAMPLES / "data"
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
-
-
-def _run(cmd: list[str], timeout: int = 420, **env: str) -> str:
-    done = subprocess.run(
-        cmd, env=_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return done.stdout
 
 
 def _load_json(path: Path) -> dict:
@@ -36,16 +24,24 @@ def _load_json(path: Path) -> dict:
         return json.load(f)
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("gen", DATA / "generate_clinic_notes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load_module(name: str, path: Path):
+    """A script as a module, registered in ``sys.modules`` first (dataclasses with postponed
+    annotations look their module up there)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def test_shipped_notes_are_what_the_generator_writes(tmp_path):
-    gen = _generator()
-    gen.NOTES_DIR = tmp_path
+def _script():
+    return _load_module("finetune_causal_lm", EXAMPLES / "finetune_causal_lm.py")
+
+
+def test_shipped_notes_are_what_the_generator_writes(tmp_path, monkeypatch):
+    gen = _load_module("generate_clinic_notes", DATA / "generate_clinic_notes.py")
+    monkeypatch.setattr(gen, "NOTES_DIR", tmp_path)
     gen.write_notes()
     for split in ("train", "validation"):
         assert (tmp_path / f"{split}.jsonl").read_bytes() == (
@@ -73,17 +69,6 @@ def test_shipped_tokenizer_and_config_fit_the_notes():
     assert all(ids[0] == 1 and ids[-1] == 2 for ids in encoded)
     text = notes["train"][0]["text"]
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
-
-
-def _script():
-    """The example script as a module (registered first: its dataclasses resolve their module)."""
-    if "finetune_causal_lm" not in sys.modules:
-        path = EXAMPLES / "finetune_causal_lm.py"
-        spec = importlib.util.spec_from_file_location("finetune_causal_lm", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["finetune_causal_lm"]
 
 
 @pytest.mark.parametrize("extension", ["txt", "csv", "jsonl"])
@@ -133,7 +118,7 @@ def test_demo_defaults_under_accelerate_launch(tmp_path):
     """The README's demo through ``accelerate launch`` with the CPU/gloo config, shortened to 4
     steps: σ calibrated for those steps, ε within the target, an ordinary saved checkpoint."""
     out = tmp_path / "demo"
-    stdout = _run(
+    stdout = run_script(
         [
             sys.executable,
             "-m",
@@ -189,15 +174,9 @@ def test_pretrained_model_hub_style_dataset_and_lora_under_torchrun(tmp_path):
     ).save_pretrained(base)
     AutoTokenizer.from_pretrained(DATA / "tokenizer").save_pretrained(base)
     out = tmp_path / "lora"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(EXAMPLES / "finetune_causal_lm.py"),
+    run_script(
+        torchrun_command(
+            EXAMPLES / "finetune_causal_lm.py",
             "--model_name_or_path",
             str(base),
             "--dataset_name",
@@ -220,7 +199,7 @@ def test_pretrained_model_hub_style_dataset_and_lora_under_torchrun(tmp_path):
             str(out),
             "--disable_tqdm",
             "true",
-        ]
+        )
     )
     report = _load_json(out / "privacy_report.json")
     assert report["steps"] == 3 and report["dataset_size"] == 400
