@@ -131,7 +131,10 @@ class ModelArguments:
     )
     use_lora: bool = field(
         default=False,
-        metadata={"help": "Train LoRA adapters on every attention and MLP projection (peft)."},
+        metadata={
+            "help": "Train LoRA adapters (peft) on every linear layer but the output head: the "
+            "attention and MLP projections."
+        },
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
@@ -220,9 +223,8 @@ def load_model(
 ) -> torch.nn.Module:
     dtype = "auto" if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     if model_args.model_name_or_path is not None:
-        world_size = args.world_size
         kwargs: dict[str, Any] = {"dtype": dtype}
-        if model_args.load_sharded and args.tp_size > 1 and world_size == args.tp_size:
+        if model_args.load_sharded and args.tp_size > 1 and args.world_size == args.tp_size:
             from transformers.distributed import DistributedConfig
 
             # each rank reads only its shards; DPTrainer takes the sharded model as is
@@ -243,15 +245,7 @@ def load_model(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=0.0,
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
+            target_modules="all-linear",  # every linear layer but the output head
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)

@@ -107,6 +107,8 @@ def embed_norm_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
 
 
 # --------------------------------------------------------------------------- tiny Llama
+# the attention and MLP projections of a Llama decoder layer (the LoRA targets in the tests)
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY_LM = dict(
     vocab_size=64,
     hidden_size=32,

@@ -31,13 +31,12 @@ from tests.distributed_harness import run_distributed
 
 BATCH = 8
 TOLERANCE = 1e-9  # relative to the largest reference value (float64)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _lora_config(**overrides):
     from peft import LoraConfig
 
-    kwargs = dict(target_modules=TARGETS, r=4, lora_alpha=8, lora_dropout=0.0)
+    kwargs = dict(target_modules=models.LLAMA_PROJECTIONS, r=4, lora_alpha=8, lora_dropout=0.0)
     # random A *and* B (init_lora_weights=False): with B = 0 every lora_A gradient is 0
     kwargs.update(init_lora_weights=False)
     kwargs.update(overrides)
@@ -148,7 +147,7 @@ def _refusals(path: str, mesh) -> dict[str, str]:
     out = {}
     for label, overrides in [
         ("dora", dict(use_dora=True)),  # peft's DoRA init already fails on DTensor weights
-        ("embedding", dict(target_modules=[*TARGETS, "embed_tokens"])),
+        ("embedding", dict(target_modules=[*models.LLAMA_PROJECTIONS, "embed_tokens"])),
         ("dropout", dict(lora_dropout=0.1)),
     ]:
         peft_model = get_peft_model(models.load_tiny_llama(path), _lora_config(**overrides))
@@ -200,7 +199,7 @@ def _check(results: list[dict], world: int) -> None:
                 assert set(mine) == set(first)
                 assert all(torch.equal(mine[k], first[k]) for k in first), (case, when, rank)
         initial = results[0][case]["initial"]
-        assert len(initial) == 4 * len(TARGETS)  # 2 layers x (A, B) x 7
+        assert len(initial) == 4 * len(models.LLAMA_PROJECTIONS)  # 2 layers x (A, B) x 7
         # adapters peft sized to a local width are re-drawn at full width: kaiming bound
         # 1/sqrt(in_features) of the *full* layer (not of the shard, sqrt(2) larger)
         for key, value in initial.items():

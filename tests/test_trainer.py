@@ -26,7 +26,6 @@ from tests import models
 from tests.distributed_harness import run_distributed
 
 N, SEQ = 8, 8
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _records(n: int = N, seed: int = 5) -> dict[str, list]:
@@ -196,7 +195,9 @@ def _maybe_lora(model, overrides: dict):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(target_modules=LORA_TARGETS, r=4, lora_alpha=8))
+    return get_peft_model(
+        model, LoraConfig(target_modules=models.LLAMA_PROJECTIONS, r=4, lora_alpha=8)
+    )
 
 
 def _load(model_dir: str, load_with_tp_plan: bool):
@@ -345,7 +346,9 @@ def test_lora_on_tp_adapter_update_equals_single_process(llama_dir, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    config = LoraConfig(target_modules=LORA_TARGETS, r=4, lora_alpha=8, init_lora_weights=False)
+    config = LoraConfig(
+        target_modules=models.LLAMA_PROJECTIONS, r=4, lora_alpha=8, init_lora_weights=False
+    )
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64)
     initial = get_peft_model(base, config)
