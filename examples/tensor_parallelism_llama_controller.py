@@ -7,8 +7,9 @@ What this example demonstrates:
   directory and loaded back; ``--model_name_or_path`` loads a local checkpoint instead;
 - sharding with ``hf_dp_tp.parallel.apply_tp_plan(model, mesh["tp"], plan)``: ``--plan auto``
   uses the model's own HF ``tp_plan`` (vocab-parallel embedding, column/row-wise attention and
-  MLP, gathered ``lm_head``, replicated norms); ``--plan sequence_parallel`` uses a
-  torchtitan-style plan of torch ``ParallelStyle`` objects with sequence-parallel RMSNorms;
+  MLP, gathered ``lm_head``, replicated norms); ``--plan sequence_parallel`` uses
+  ``hf_dp_tp.llama_sequence_parallel_plan()``, a torchtitan-style plan of torch ``ParallelStyle``
+  objects with sequence-parallel RMSNorms;
 - ``PrivacyEngineGradSampleController.make_private`` (or ``make_private_with_epsilon`` with
   ``--target_epsilon``) with ``grad_sample_mode="tp"``, Poisson sampling and the ``("dp", "tp")``
   mesh;
@@ -44,19 +45,18 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-)
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from hf_dp_tp import PrivacyEngineGradSampleController, init_dp_tp_mesh
-from hf_dp_tp.parallel import apply_tp_plan, destroy_process_groups, init_distributed
+from hf_dp_tp.parallel import (
+    apply_tp_plan,
+    destroy_process_groups,
+    init_distributed,
+    llama_sequence_parallel_plan,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -95,33 +95,6 @@ def parse_args() -> argparse.Namespace:
         "--secure_mode", action="store_true", help="OS-CSPRNG noise and keyed Poisson masks"
     )
     return parser.parse_args()
-
-
-def sequence_parallel_plan() -> dict:
-    """torchtitan-style: the residual stream is sharded over the sequence between blocks (so the
-    RMSNorms see a slice of the tokens), and gathered for attention and the MLP."""
-    tokens = Shard(1)
-    gather = {"input_layouts": (tokens,), "desired_input_layouts": (Replicate(),)}
-    to_tokens = {"output_layouts": tokens, "use_local_output": False}
-    return {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), **to_tokens),
-        "model.layers.*.input_layernorm": SequenceParallel(),
-        "model.layers.*.self_attn": PrepareModuleInput(
-            input_kwarg_layouts={"hidden_states": tokens},
-            desired_input_kwarg_layouts={"hidden_states": Replicate()},
-        ),
-        "model.layers.*.self_attn.q_proj": ColwiseParallel(),
-        "model.layers.*.self_attn.k_proj": ColwiseParallel(),
-        "model.layers.*.self_attn.v_proj": ColwiseParallel(),
-        "model.layers.*.self_attn.o_proj": RowwiseParallel(**to_tokens),
-        "model.layers.*.post_attention_layernorm": SequenceParallel(),
-        "model.layers.*.mlp": PrepareModuleInput(**gather),
-        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
-        "model.layers.*.mlp.up_proj": ColwiseParallel(),
-        "model.layers.*.mlp.down_proj": RowwiseParallel(**to_tokens),
-        "model.norm": SequenceParallel(),
-        "lm_head": ColwiseParallel(input_layouts=tokens, output_layouts=Replicate()),
-    }
 
 
 def build_llama(args: argparse.Namespace, path: str) -> None:
@@ -203,7 +176,7 @@ def main() -> None:
     model = load_model(args)
     model.config.use_cache = False
     model.to(device)
-    plan = "auto" if args.plan == "auto" else sequence_parallel_plan()
+    plan = "auto" if args.plan == "auto" else llama_sequence_parallel_plan()
     apply_tp_plan(model, mesh["tp"], plan)
     model.train()  # from_pretrained returns eval mode, where the per-sample hooks stay silent
 

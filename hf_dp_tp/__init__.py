@@ -22,6 +22,7 @@ _EXPORTS = {
     "destroy_process_groups": "parallel",
     "init_distributed": "parallel",
     "init_dp_tp_mesh": "parallel",
+    "llama_sequence_parallel_plan": "parallel",
     "make_accountant": "accounting",
     "per_sample_norms": "controller",
     "prepare_lora_for_tp": "lora",
@@ -45,6 +46,7 @@ __all__ = [
     "destroy_process_groups",
     "init_distributed",
     "init_dp_tp_mesh",
+    "llama_sequence_parallel_plan",
     "make_accountant",
     "per_sample_norms",
     "prepare_lora_for_tp",
@@ -80,6 +82,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         destroy_process_groups,
         init_distributed,
         init_dp_tp_mesh,
+        llama_sequence_parallel_plan,
         resolve_mesh,
     )
     from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader

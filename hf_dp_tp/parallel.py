@@ -441,3 +441,40 @@ def _retie(model: nn.Module, tied: list[list[str]]) -> None:
                 )
             module_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module_name), attr, first)
+
+
+def llama_sequence_parallel_plan() -> dict:
+    """A torchtitan-style plan of torch ``ParallelStyle`` objects for Llama-architecture models
+    (Llama, Qwen2, Mistral, ...): the residual stream is sharded over the sequence between blocks
+    (so the RMSNorms see a slice of the tokens, ``SequenceParallel``) and gathered for attention
+    and the MLP, which are column/row-wise; the embedding is vocab-parallel and the gathered
+    ``lm_head`` returns full logits. Pass ``position_ids`` of shape ``[B, T]`` explicitly."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    tokens = Shard(1)
+    gather = {"input_layouts": (tokens,), "desired_input_layouts": (Replicate(),)}
+    to_tokens = {"output_layouts": tokens, "use_local_output": False}
+    return {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), **to_tokens),
+        "model.layers.*.input_layernorm": SequenceParallel(),
+        "model.layers.*.self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": tokens},
+            desired_input_kwarg_layouts={"hidden_states": Replicate()},
+        ),
+        "model.layers.*.self_attn.q_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.k_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.v_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.o_proj": RowwiseParallel(**to_tokens),
+        "model.layers.*.post_attention_layernorm": SequenceParallel(),
+        "model.layers.*.mlp": PrepareModuleInput(**gather),
+        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
+        "model.layers.*.mlp.up_proj": ColwiseParallel(),
+        "model.layers.*.mlp.down_proj": RowwiseParallel(**to_tokens),
+        "model.norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=tokens, output_layouts=Replicate()),
+    }

@@ -8,7 +8,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
-    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
 )
@@ -148,37 +147,6 @@ def load_tiny_llama(path: str):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
     return model.train()
-
-
-def llama_sequence_parallel_plan() -> dict:
-    """A torchtitan-style plan: sequence-parallel norms, embeddings sharded by vocab with a
-    sequence-sharded output, attention and MLP column/row-wise."""
-    seq = Shard(1)
-    return {
-        "model.embed_tokens": RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=seq, use_local_output=False
-        ),
-        "model.layers.*.input_layernorm": SequenceParallel(),
-        "model.layers.*.self_attn": PrepareModuleInput(
-            input_kwarg_layouts={"hidden_states": seq},
-            desired_input_kwarg_layouts={"hidden_states": Replicate()},
-        ),
-        "model.layers.*.self_attn.q_proj": ColwiseParallel(),
-        "model.layers.*.self_attn.k_proj": ColwiseParallel(),
-        "model.layers.*.self_attn.v_proj": ColwiseParallel(),
-        "model.layers.*.self_attn.o_proj": RowwiseParallel(
-            output_layouts=seq, use_local_output=False
-        ),
-        "model.layers.*.post_attention_layernorm": SequenceParallel(),
-        "model.layers.*.mlp": PrepareModuleInput(
-            input_layouts=(seq,), desired_input_layouts=(Replicate(),)
-        ),
-        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
-        "model.layers.*.mlp.up_proj": ColwiseParallel(),
-        "model.layers.*.mlp.down_proj": RowwiseParallel(output_layouts=seq, use_local_output=False),
-        "model.norm": SequenceParallel(),
-        "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Replicate()),
-    }
 
 
 def llama_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hf_dp_tp import GradSampleControllerTP, init_dp_tp_mesh
-from hf_dp_tp.parallel import apply_tp_plan
+from hf_dp_tp.parallel import apply_tp_plan, llama_sequence_parallel_plan
 from tests import models
 from tests.distributed_harness import run_distributed
 
@@ -42,7 +42,7 @@ def _case(name: str, tmp: str):
     if name in ("llama_hf_plan", "llama_tied_hf_plan", "llama_sequence_parallel"):
         path = f"{tmp}/{'tied' if 'tied' in name else 'untied'}"
         model = models.load_tiny_llama(path)
-        plan = "auto" if "hf_plan" in name else models.llama_sequence_parallel_plan()
+        plan = "auto" if "hf_plan" in name else llama_sequence_parallel_plan()
         return model, plan, models.lm_batch(BATCH, vocab=64, seq=8), models.llama_losses
     if name == "llama_from_pretrained_tp_plan":
         # transformers' own loading path: every rank loads only its shards (world = tp)
