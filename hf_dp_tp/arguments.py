@@ -21,7 +21,8 @@ class DPTrainingArguments(TrainingArguments):
     """Training arguments for :class:`~hf_dp_tp.DPTrainer`.
 
     Exactly one of ``target_epsilon`` (σ is calibrated for the planned number of steps) and
-    ``noise_multiplier`` must be set. ``target_delta`` defaults to ``1 / len(train_dataset)``.
+    ``noise_multiplier`` must be set. ``target_delta`` defaults to ``min(1e-5, 1 / (10 N))`` for
+    N training records.
     The expected global logical batch is ``per_device_train_batch_size ×
     gradient_accumulation_steps × dp_size`` with ``dp_size = world_size // tp_size``; the Poisson
     sampling rate is that divided by the dataset size. Trainer's own ``max_grad_norm`` does not
@@ -63,7 +64,8 @@ class DPTrainingArguments(TrainingArguments):
     target_delta: float | None = field(
         default=None,
         metadata={
-            "help": "δ of the (ε, δ) guarantee; default 1/N for a training set of N records."
+            "help": "δ of the (ε, δ) guarantee. Default min(1e-5, 1/(10 N)) for N training records: "
+            "δ must be well below 1/N (publishing one random record outright is (0, 1/N)-DP)."
         },
     )
     per_sample_max_grad_norm: float = field(
@@ -101,8 +103,16 @@ class DPTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Seed of the Poisson masks and the noise. Default: a fresh random seed agreed "
-            "by all ranks and kept in checkpoints. Set it only for reproducibility tests: anyone "
-            "who knows it can subtract the noise."
+            "by all ranks, never written to disk (a resumed run draws a fresh one). Set it only for "
+            "reproducibility tests: anyone who knows it can subtract the noise."
+        },
+    )
+    dp_secrets_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Opt-in bit-for-bit replay: a file OUTSIDE output_dir where the drawn seed (or, "
+            "in secure mode, key) is written with mode 0600 and read back on resume. Whoever "
+            "reads it and two checkpoints can subtract the noise: keep it private."
         },
     )
     max_grad_norm: float = field(
@@ -121,6 +131,11 @@ class DPTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.include_num_input_tokens_seen not in ("no", False, None):
+            raise ValueError(
+                "include_num_input_tokens_seen counts the tokens of the sampled batches, which "
+                "reveals the realised (private) Poisson batch sizes: DPTrainer does not support it."
+            )
         if self.fp16:
             raise ValueError(
                 "fp16=True is not supported by DPTrainer: loss scaling would scale the per-sample "
@@ -144,11 +159,20 @@ class DPTrainingArguments(TrainingArguments):
             )
         super().__post_init__()
         self._validate_privacy_settings()
+        if self.dp_seed is not None:
+            warnings.warn(
+                "dp_seed is set: the noise and the Poisson batches of this run are reproducible by "
+                "anyone who knows it, who can then subtract the noise from two checkpoints. Use it "
+                "for reproducibility tests only; it is never written under output_dir.",
+                stacklevel=2,
+            )
 
     def to_dict(self) -> dict:
         """As ``TrainingArguments.to_dict``, with torch ``ParallelStyle`` objects of a dict
-        ``tp_plan`` written as their ``repr`` (so logging integrations can serialise it)."""
+        ``tp_plan`` written as their ``repr`` (so logging integrations can serialise it) and a
+        user-fixed ``dp_seed`` redacted (loggers and ``trainer_state.json`` never see it)."""
         out = super().to_dict()
+        out["dp_seed"] = None if self.dp_seed is None else "<redacted>"
         if isinstance(out.get("tp_plan"), dict):
             out["tp_plan"] = {
                 key: style if isinstance(style, str) else repr(style)
@@ -198,6 +222,11 @@ class DPTrainingArguments(TrainingArguments):
             )
         if self.secure_mode and self.dp_seed is not None:
             raise ValueError("secure_mode draws its randomness from the OS: do not set dp_seed.")
+        if self.dp_seed is not None and self.dp_secrets_file is not None:
+            raise ValueError(
+                "give at most one of dp_seed (a fixed seed) and dp_secrets_file (a drawn seed kept "
+                "in a private file)."
+            )
         if self.tp_plan is not None and not isinstance(self.tp_plan, (str, dict)):
             raise ValueError(f"tp_plan must be 'auto', a dict or None, got {type(self.tp_plan)}")
         if isinstance(self.tp_plan, str) and self.tp_plan != "auto":

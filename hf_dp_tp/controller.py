@@ -210,6 +210,35 @@ def per_sample_norms(
     return total.to(dtype).sqrt()
 
 
+def mixes_samples_in_train_mode(module: nn.Module) -> bool:
+    """Modules whose train-mode forward computes statistics across the batch (BatchNorm*,
+    SyncBatchNorm, InstanceNorm with running statistics): one sample then changes every other
+    sample's output, so per-sample clipping no longer bounds a record's influence — with or
+    without trainable parameters (running statistics are published with the model too)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    if isinstance(module, _BatchNorm):
+        return True
+    return isinstance(module, _InstanceNorm) and module.track_running_stats
+
+
+def _mixing_error(name: str, module: nn.Module) -> UnsupportedLayoutError:
+    return UnsupportedLayoutError(
+        f"module '{name or '<root>'}' ({type(module).__name__}) computes statistics across the "
+        "batch in train mode: a single record changes every other sample's output and the "
+        "running statistics, which per-sample clipping cannot bound. Replace it with a per-sample "
+        "normalisation (nn.GroupNorm or nn.LayerNorm), or keep it in eval() mode with fixed "
+        "statistics for the whole training (DPTrainer puts the model in train() mode, so replace "
+        "it there)."
+    )
+
+
+# Relative tolerance of the first-step self-check, by the dtype of the gradient.
+SELF_CHECK_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
+SELF_CHECK_HALF_TOLERANCE = 1e-1
+
+
 class GradSampleControllerTP:
     """Attach per-sample gradient hooks to ``module`` (a TP model, or a plain one in ``"hooks"``
     mode) and keep ``param.grad_sample`` up to date.
@@ -263,7 +292,11 @@ class GradSampleControllerTP:
         self._chunks: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self._generation = 0
         self._batch_size: int | None = None
+        self._seen_batch_sizes: set[int] = set()
         self._sampled_since_grad: dict[int, bool] = {}
+        self._self_check_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._self_checked: set[int] = set()
+        self._partial_over_tp: set[int] = set()
         try:
             self._attach()
         except BaseException:
@@ -273,11 +306,20 @@ class GradSampleControllerTP:
     # ------------------------------------------------------------------ attach / cleanup
     def _attach(self) -> None:
         for name, module in self.module.named_modules():
+            if mixes_samples_in_train_mode(module):
+                if module.training:
+                    raise _mixing_error(name, module)
+                self._handles.append(
+                    module.register_forward_pre_hook(partial(self._refuse_train_mode, name))
+                )
             params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not params:
                 continue
             where = f"module '{name or '<root>'}' ({type(module).__name__})"
-            sampler = find_grad_sampler(module)
+            try:
+                sampler = find_grad_sampler(module)
+            except UnsupportedLayoutError as err:
+                raise UnsupportedLayoutError(f"{where}: {err}") from None
             if sampler is None:
                 raise UnsupportedLayoutError(
                     f"{where} has trainable parameters {sorted(params)} but no per-sample gradient "
@@ -313,14 +355,21 @@ class GradSampleControllerTP:
             self.module.register_forward_pre_hook(self._new_generation, with_kwargs=True)
         )
         self._handles.append(self.module.register_forward_hook(self._end_of_forward))
+        for info in self._hooked:
+            for n, p in info.params.items():
+                if id(p) not in self._self_check_handles:
+                    self._self_check_handles[id(p)] = p.register_hook(
+                        partial(self._self_check, f"{info.name}.{n}", p)
+                    )
         for p in self.trainable_parameters():
             self._handles.append(p.register_post_accumulate_grad_hook(self._check_sampled))
 
     def cleanup(self) -> None:
         """Remove every hook and every ``grad_sample`` attribute this controller added."""
-        for handle in self._handles:
+        for handle in [*self._handles, *self._self_check_handles.values()]:
             handle.remove()
         self._handles.clear()
+        self._self_check_handles.clear()
         for p in self.trainable_parameters():
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
@@ -360,9 +409,71 @@ class GradSampleControllerTP:
         finally:
             self.hooks_enabled = previous
 
+    def check_batch_size(self, num_samples: int) -> None:
+        """Check that the per-sample loss vector of the last forward pass has the batch size that
+        every hooked module saw as its dim 0. A model whose batch is not dim 0 (sequence-first
+        ``[T, B, F]`` inputs) would otherwise be clipped per time step: one record would then
+        contribute up to ``T`` clipped gradients."""
+        wrong = sorted(size for size in self._seen_batch_sizes if size != num_samples)
+        if wrong:
+            raise UnsupportedLayoutError(
+                f"the loss has {num_samples} per-sample values but hooked modules saw dim 0 of "
+                f"size {wrong}: per-sample gradients are taken along dim 0, so the batch must be "
+                "dim 0 of every input (batch-first). Transpose sequence-first inputs to [B, T, ...]"
+                " (e.g. batch_first=True)."
+            )
+
     # ------------------------------------------------------------------ hooks
+    def _refuse_train_mode(self, name: str, module: nn.Module, args: tuple) -> None:
+        if self.hooks_enabled and module.training and torch.is_grad_enabled():
+            raise _mixing_error(name, module)
+
+    def _self_check(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """First backward of each parameter: autograd's gradient must equal the reduction of its
+        per-sample gradients (sum, or mean for ``loss_reduction="mean"``). A parameter also used
+        outside its module (e.g. an embedding weight reused through ``F.linear``), an unhooked
+        path or a wrong rule would otherwise train with a wrong norm. Checked once per parameter,
+        on a backward over one forward pass."""
+        if not self.hooks_enabled or id(param) in self._self_checked:
+            return
+        chunks = self._chunks.get(id(param))
+        if getattr(param, "grad_sample", None) is None or not chunks or len(chunks) != 1:
+            return  # not sampled (refused by _check_sampled) or several forwards: check later
+        per_sample = chunks[0][1]
+        if per_sample.shape[0] == 0:
+            return
+        if isinstance(grad, DTensor):  # may arrive in other placements than the parameter's
+            grad = grad.redistribute(param.device_mesh, param.placements).to_local()
+        elif id(param) in self._partial_over_tp:
+            # a plain replicated parameter fed rank-local tokens/heads: autograd's gradient is
+            # this rank's part (transformers sums it after accumulation), as the per-sample
+            # gradients were before their TP all-reduce
+            grad = self.mesh.all_reduce_tp(grad.detach().clone())
+        acc = accumulation_dtype(per_sample)
+        reduced = per_sample.to(acc).sum(0)
+        if self.loss_reduction == "mean":
+            reduced = reduced / per_sample.shape[0]
+        grad = grad.to(acc).reshape(reduced.shape)
+        scale = torch.maximum(grad.norm(), reduced.norm()).clamp_min(1e-30)
+        error = ((grad - reduced).norm() / scale).item()
+        tolerance = SELF_CHECK_TOLERANCE.get(per_sample.dtype, SELF_CHECK_HALF_TOLERANCE)
+        if error > tolerance:
+            raise RuntimeError(
+                f"parameter {name}: autograd's gradient differs from the sum of its per-sample "
+                f"gradients (relative error {error:.3g}): the parameter is used outside its "
+                "module's forward (e.g. a weight reused through torch.nn.functional), on a path "
+                "the hooks do not see, or its module's rule does not match its forward. Refusing "
+                "to train with a wrong per-sample norm."
+            )
+        self._self_checked.add(id(param))  # its hook is removed at the next forward pass
+
     def _new_generation(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._generation += 1
+        self._seen_batch_sizes = set()
+        for key in self._self_checked:
+            handle = self._self_check_handles.pop(key, None)
+            if handle is not None:
+                handle.remove()
         first = next(
             (t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.ndim > 0),
             None,
@@ -418,6 +529,7 @@ class GradSampleControllerTP:
                 "(e.g. position ids without a batch dimension), which loses per-sample gradients. "
                 "Pass such inputs with the batch dimension (expand to [B, ...]) or freeze the module."
             )
+        self._seen_batch_sizes.add(activation.shape[0])
         generation = self._generation
         output.register_hook(lambda grad: self._on_output_grad(info, activation, grad, generation))
         return None
@@ -452,6 +564,7 @@ class GradSampleControllerTP:
                         "activations are split across TP ranks too; cannot compute exactly."
                     )
                 grad_sample = self.mesh.all_reduce_tp(grad_sample.contiguous())
+                self._partial_over_tp.add(id(info.params[name]))
             self._store(info.params[name], grad_sample, generation)
 
     def _store(self, param: nn.Parameter, grad_sample: torch.Tensor, generation: int) -> None:

@@ -15,10 +15,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .accounting import calibrate_noise_multiplier, epsilon_spent, make_accountant
+from .accounting import epsilon_spent, make_accountant
 from .controller import GRAD_SAMPLE_MODES, GradSampleControllerTP
 from .optimizer import DPOptimizerTP
 from .parallel import resolve_mesh
+from .privacy_plan import PrivacyPlan
 from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
 
 
@@ -47,7 +48,7 @@ class PrivacyEngineGradSampleController:
         self.accountant = make_accountant(accountant)
         self.accountant_name = accountant
         self.secure_mode = secure_mode
-        self.sample_rate: float | None = None
+        self.privacy_plan: PrivacyPlan | None = None
         self.controller: GradSampleControllerTP | None = None
         self.optimizer: DPOptimizerTP | None = None
         self.batch_sampler: DistributedPoissonBatchSampler | None = None
@@ -85,7 +86,7 @@ class PrivacyEngineGradSampleController:
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches}")
         mesh = resolve_mesh(module, device_mesh, tp=grad_sample_mode == "tp")
-        expected_batch, self.sample_rate = _batch_plan(data_loader, mesh.dp_size)
+        plan = self.privacy_plan = self._plan(data_loader, mesh.dp_size, noise_multiplier)
         if poisson_sampling:
             data_loader = build_poisson_data_loader(
                 data_loader,
@@ -107,7 +108,7 @@ class PrivacyEngineGradSampleController:
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch,
+            expected_batch_size=plan.expected_batch_size,
             mesh=mesh,
             loss_reduction=loss_reduction,
             noise_seed=noise_seed,
@@ -117,12 +118,7 @@ class PrivacyEngineGradSampleController:
         controller = GradSampleControllerTP(
             module, mesh_info=mesh, loss_reduction=loss_reduction, grad_sample_mode=grad_sample_mode
         )
-        sample_rate = self.sample_rate
-        dp_optimizer.attach_step_hook(
-            lambda opt: self.accountant.step(
-                noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate
-            )
-        )
+        dp_optimizer.attach_step_hook(lambda opt: plan.step(opt.noise_multiplier))
         self.controller, self.optimizer = controller, dp_optimizer
         return controller, dp_optimizer, data_loader
 
@@ -146,16 +142,15 @@ class PrivacyEngineGradSampleController:
         mesh_probe = resolve_mesh(
             module, kwargs.get("device_mesh"), tp=kwargs.get("grad_sample_mode", "tp") == "tp"
         )
-        _, sample_rate = _batch_plan(data_loader, mesh_probe.dp_size)
-        if steps is None:
-            steps = int(epochs * max(1, round(1 / sample_rate)))
-        sigma = calibrate_noise_multiplier(
+        plan = self._plan(
+            data_loader,
+            mesh_probe.dp_size,
             target_epsilon=target_epsilon,
             target_delta=target_delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=self.accountant_name,
         )
+        if steps is None:
+            steps = plan.planned_steps(epochs=epochs)
+        sigma = plan.resolve_noise_multiplier(steps)
         return self.make_private(
             module=module,
             optimizer=optimizer,
@@ -165,13 +160,43 @@ class PrivacyEngineGradSampleController:
             **kwargs,
         )
 
+    @property
+    def sample_rate(self) -> float | None:
+        """q, the global Poisson rate (None before :meth:`make_private`)."""
+        return None if self.privacy_plan is None else self.privacy_plan.sample_rate
+
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta`` (identical on every rank)."""
         return epsilon_spent(self.accountant, delta)
 
+    def _plan(
+        self,
+        data_loader: DataLoader,
+        dp_size: int,
+        noise_multiplier: float | None = None,
+        **budget: Any,
+    ) -> PrivacyPlan:
+        """The privacy plan of ``data_loader``: its ``batch_size`` is the expected logical batch
+        per DP rank, so ``B̄ = batch_size × dp_size`` and ``q = B̄ / len(dataset)``."""
+        if data_loader.batch_size is None:
+            raise ValueError(
+                "the data loader must have a batch_size (the expected per-DP-rank logical batch); "
+                "loaders built from a custom batch_sampler are not supported."
+            )
+        return PrivacyPlan(
+            dataset_size=len(data_loader.dataset),
+            expected_batch_size=data_loader.batch_size * dp_size,
+            accountant_name=self.accountant_name,
+            noise_multiplier=noise_multiplier,
+            accountant=self.accountant,
+            **budget,
+        )
+
     # ------------------------------------------------------------------ privacy ledger
     def state_dict(self) -> dict[str, Any]:
-        """Accountant history, sampler position and noise step: save it with every checkpoint."""
+        """Accountant history, sampler position and noise step: save it with every checkpoint.
+        It holds no seed or key (the sampler's and the noise's secrets rebuild every batch and
+        every noise draw); a resumed run continues ε and the position with fresh randomness."""
         return {
             "accountant": self.accountant.state_dict(),
             "sample_rate": self.sample_rate,
@@ -185,22 +210,3 @@ class PrivacyEngineGradSampleController:
             self.batch_sampler.load_state_dict(state["sampler"])
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_dp_state_dict(state["optimizer"])
-
-
-def _batch_plan(data_loader: DataLoader, dp_size: int) -> tuple[int, float]:
-    """``(B̄, q)``: ``batch_size`` is the expected logical batch per DP rank, so the expected
-    global logical batch is ``batch_size × dp_size`` and ``q = B̄ / len(dataset)``."""
-    num_samples = len(data_loader.dataset)
-    batch_size = data_loader.batch_size
-    if batch_size is None:
-        raise ValueError(
-            "the data loader must have a batch_size (the expected per-DP-rank logical batch); "
-            "loaders built from a custom batch_sampler are not supported."
-        )
-    expected_batch = batch_size * dp_size
-    if expected_batch > num_samples:
-        raise ValueError(
-            f"expected logical batch {expected_batch} (batch_size {batch_size} × dp_size "
-            f"{dp_size}) exceeds the dataset size {num_samples}."
-        )
-    return expected_batch, expected_batch / num_samples

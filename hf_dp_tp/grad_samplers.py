@@ -9,8 +9,9 @@ narrows a full tensor to the local slice (never sums a global-shaped gradient in
 Every sampler also declares which layouts it supports; anything else is refused when the
 controller attaches, naming the module, the parameter and its placement.
 
-Opacus's own samplers are reused where they are exact on local tensors (``nn.LayerNorm``,
-``nn.RMSNorm``); linear, ``Conv1D`` and embedding samplers are TP-aware and written here.
+Rules are looked up by exact module type (a subclass may compute something else). Opacus's
+sampler is reused for ``nn.RMSNorm``; linear, ``Conv1D``, embedding and layer-norm samplers are
+TP-aware and written here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .parallel import ParamLayout
@@ -63,13 +65,41 @@ def register_grad_sampler(
     return decorator
 
 
+def register_grad_sampler_alias(subclass: type, base: type) -> None:
+    """Opt in: use ``base``'s rule for ``subclass`` (whose forward must compute the same function
+    of its input and parameters). Rules are looked up by exact type, so a subclass is refused
+    until it is registered or aliased; the controller's first-step self-check then compares the
+    rule's per-sample gradients with autograd's gradient and refuses a mismatch."""
+    if base not in _BY_TYPE:
+        raise ValueError(f"{base.__name__} has no registered grad sampler to alias")
+    if not issubclass(subclass, base):
+        raise ValueError(f"{subclass.__name__} is not a subclass of {base.__name__}")
+    _BY_TYPE[subclass] = _BY_TYPE[base]
+
+
 def find_grad_sampler(module: nn.Module) -> GradSampler | None:
-    for cls in type(module).__mro__:
-        if cls in _BY_TYPE:
-            return _BY_TYPE[cls]
+    """The rule registered for exactly ``type(module)``, else the first predicate that accepts it.
+
+    Raises:
+        UnsupportedLayoutError: for a subclass of a registered type: its ``forward`` may compute
+            something else (a scaled output, another input), and the parent's rule would give a
+            silently wrong per-sample gradient.
+    """
+    cls = type(module)
+    if cls in _BY_TYPE:
+        return _BY_TYPE[cls]
     for predicate, sampler in _BY_PREDICATE:
         if predicate(module):
             return sampler
+    parent = next((base for base in cls.__mro__[1:] if base in _BY_TYPE), None)
+    if parent is not None:
+        raise UnsupportedLayoutError(
+            f"{cls.__name__} subclasses {parent.__name__}, but per-sample gradient rules are "
+            "looked up by exact type: its forward may differ from the parent's. If it computes "
+            f"the same function, opt in with hf_dp_tp.register_grad_sampler_alias({cls.__name__}, "
+            f"{parent.__name__}); otherwise register its own rule (hf_dp_tp.register_grad_sampler)"
+            " or freeze it."
+        )
     return None
 
 
@@ -253,11 +283,20 @@ def _by_param_name(
 def layer_norm_grad_sample(
     layer: nn.LayerNorm, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
 ) -> dict[str, torch.Tensor]:
-    from opacus.grad_sample import compute_layer_norm_grad_sample
-
+    """``y = x̂ ⊙ w + b`` over the trailing ``normalized_shape`` dims: ``Σ_tokens g ⊙ x̂`` for the
+    weight and ``Σ_tokens g`` for the bias (either may be absent, e.g. ``bias=False``)."""
     _norm_feature_check(layer, activation, backprops)
-    grads = compute_layer_norm_grad_sample(layer, [activation], backprops)
-    return {k: v for k, v in _by_param_name(layer, grads).items() if k in layouts}
+    normalized = len(layer.normalized_shape)
+    x_hat = F.layer_norm(activation, layer.normalized_shape, eps=layer.eps)
+    token_dims = tuple(range(1, activation.ndim - normalized))
+    g = backprops.to(torch.promote_types(backprops.dtype, torch.float32))  # token sums in fp32
+    out: dict[str, torch.Tensor] = {}
+    if "weight" in layouts:
+        per_token = g * x_hat.to(g.dtype)
+        out["weight"] = per_token.sum(token_dims) if token_dims else per_token
+    if "bias" in layouts:
+        out["bias"] = g.sum(token_dims) if token_dims else g
+    return out
 
 
 @register_grad_sampler(nn.RMSNorm)

@@ -310,10 +310,11 @@ class DPOptimizerTP(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def dp_state_dict(self) -> dict[str, Any]:
-        """The noise ledger: the step count fixes which noise stream the next step draws."""
+        """The optimizer's part of the privacy ledger. Never the noise seed: with it and two
+        checkpoints the noise can be subtracted (docs/usage.md, "Checkpointing the privacy
+        ledger"). The step count keeps a resumed run with the same seed on fresh streams."""
         return {
             "steps_taken": self.steps_taken,
-            "noise_seed": self.noise_seed,
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.max_grad_norm,
             "expected_batch_size": self.expected_batch_size,
@@ -324,8 +325,6 @@ class DPOptimizerTP(Optimizer):
         if state.get("secure_mode", False) != self.secure_mode:
             raise ValueError("the checkpoint's secure_mode differs from this optimizer's")
         self.steps_taken = int(state["steps_taken"])
-        if not self.secure_mode:
-            self.noise_seed = state["noise_seed"]
 
     def state_dict(self) -> dict[str, Any]:
         state = self.original_optimizer.state_dict()

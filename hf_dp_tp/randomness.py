@@ -29,6 +29,8 @@ __all__ = [
     "KEY_BYTES",
     "agree_on_key",
     "agree_on_seed",
+    "share_key",
+    "share_seed",
     "derive_seed",
     "secure_uniform",
     "seeded_uniform",
@@ -140,12 +142,32 @@ def agree_on_seed(seed: int | None, group: dist.ProcessGroup | None = None) -> i
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int or None, got {type(seed).__name__}: {seed!r}")
         return seed
+    return share_seed(None, group)
+
+
+def share_seed(seed_on_first_rank: int | None, group: dist.ProcessGroup | None = None) -> int:
+    """The seed of ``group``'s first rank on every rank (a collective when distributed); where the
+    first rank passes None it draws a fresh one from ``os.urandom``. Other ranks' arguments are
+    ignored. Used when only the first rank can read a stored secret."""
+    fresh = int.from_bytes(os.urandom(8), "big") >> (64 - _SEED_BITS)
+    local = fresh if seed_on_first_rank is None else int(seed_on_first_rank)
     if not (dist.is_available() and dist.is_initialized()):
-        return int.from_bytes(os.urandom(8), "big") >> (64 - _SEED_BITS)
+        return local
     _check_group_member(group)
-    local = int.from_bytes(os.urandom(8), "big") >> (64 - _SEED_BITS)
     payload = local.to_bytes(8, "big") if _is_first_rank(group) else None
     return int.from_bytes(_broadcast_bytes(payload, 8, group), "big")
+
+
+def share_key(key_on_first_rank: bytes | None, group: dist.ProcessGroup | None = None) -> bytes:
+    """As :func:`share_seed`, for a :data:`KEY_BYTES`-byte secret key."""
+    local = os.urandom(KEY_BYTES) if key_on_first_rank is None else _check_key(key_on_first_rank)
+    if len(local) != KEY_BYTES:
+        raise ValueError(f"a shared key must be {KEY_BYTES} bytes, got {len(local)}")
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    _check_group_member(group)
+    payload = local if _is_first_rank(group) else None
+    return _broadcast_bytes(payload, KEY_BYTES, group)
 
 
 def _check_key(key: object) -> bytes:
@@ -171,11 +193,7 @@ def agree_on_key(key: bytes | None, group: dist.ProcessGroup | None = None) -> b
     """
     if key is not None:
         return _check_key(key)
-    if not (dist.is_available() and dist.is_initialized()):
-        return os.urandom(KEY_BYTES)
-    _check_group_member(group)
-    payload = os.urandom(KEY_BYTES) if _is_first_rank(group) else None
-    return _broadcast_bytes(payload, KEY_BYTES, group)
+    return share_key(None, group)
 
 
 def _check_count(n: int) -> int:

@@ -273,12 +273,15 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
             )
 
     # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-dict state: position (``epoch``, ``num_yielded``), the seed or secret key, and the
-        configuration that fixes the meaning of the position.
+    def state_dict(self, *, include_secret: bool = False) -> dict[str, Any]:
+        """Plain-dict state: the position (``epoch``, ``num_yielded``) and the configuration that
+        fixes its meaning.
 
-        In secure mode the dict contains the secret key (``secure_key``): store checkpoints
-        accordingly.
+        The seed or secret key is left out unless ``include_secret=True``: whoever holds it can
+        rebuild every Poisson batch, which voids amplification by subsampling. A resumed sampler
+        with a fresh seed/key draws fresh batches from the saved position on (steps are
+        independent, so that is exactly as private); only bit-for-bit replay needs the secret,
+        and then it must be stored apart from checkpoints.
         """
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
@@ -290,15 +293,17 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
             "steps_per_epoch": self._steps_per_epoch,
             "num_micro_batches": self._num_micro_batches,
         }
-        if self._secure_mode:
+        if include_secret and self._secure_mode:
             state["secure_key"] = self._key
-        else:
+        elif include_secret:
             state["seed"] = self._seed
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`: the next ``__iter__`` yields exactly the lists an
-        uninterrupted run would have yielded after the saved point.
+        """Restore a :meth:`state_dict`: the next ``__iter__`` continues from the saved position.
+        With the secret in the state (``include_secret=True``) it yields exactly the lists an
+        uninterrupted run would have yielded; without it, fresh draws of this sampler's own
+        seed/key.
 
         ``dp_rank``/``dp_size`` may differ from the saved run (the masks do not depend on them);
         ``num_samples``, ``sample_rate``, ``steps_per_epoch``, ``num_micro_batches`` and
@@ -333,13 +338,13 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
             raise ValueError(
                 f"sampler state has num_yielded={num_yielded!r}, expected an int in [0, {len(self)}]"
             )
-        if self._secure_mode:
-            key = state.get("secure_key")
+        if self._secure_mode and "secure_key" in state:
+            key = state["secure_key"]
             if key is None:
-                raise ValueError("secure sampler state has no secure_key")
+                raise ValueError("secure sampler state has secure_key=None")
             self._key = agree_on_key(key)  # a given key is only validated, no communication
-        else:
-            seed = state.get("seed")
+        elif not self._secure_mode and "seed" in state:
+            seed = state["seed"]
             if not _is_int(seed):
                 raise ValueError(f"sampler state has an invalid seed {seed!r}")
             self._seed = int(seed)

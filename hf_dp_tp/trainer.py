@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import atexit
 import json
-import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,11 +32,20 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from .accounting import calibrate_noise_multiplier, epsilon_spent, make_accountant
 from .arguments import DPTrainingArguments
+from .checkpoint import (
+    REPORT_NAME,
+    check_secrets_file_location,
+    load_full_checkpoint_into_sharded,
+    load_rank_optimizer,
+    read_secrets_file,
+    save_rank_optimizer,
+    write_ledger,
+    write_secrets_file,
+)
 from .controller import GradSampleControllerTP
 from .lora import peft_tp_plan, prepare_lora_for_tp, save_lora_adapter
 from .losses import PerSampleLoss, default_per_sample_loss
@@ -51,14 +60,18 @@ from .parallel import (
     init_dp_tp_mesh,
     resolve_mesh,
 )
-from .randomness import agree_on_key, agree_on_seed
+from .privacy_plan import LedgerError, PrivacyPlan, check_dataset_size, read_ledger
+from .randomness import share_key, share_seed
 from .sampling import DistributedPoissonBatchSampler, collate_with_empty
 
 logger = logging.get_logger(__name__)
 
-LEDGER_NAME = "dp_ledger.json"
-REPORT_NAME = "privacy_report.json"
-OPTIMIZER_RANK_NAME = "optimizer.rank{rank}.pt"
+#: What the (ε, δ) guarantee does not cover, stated in every privacy report.
+NOT_COVERED = (
+    "the training loss, gradient-free metrics and evaluation results computed on private data "
+    "and logged or reported during training (they are not noised)",
+    "hyper-parameter choices tuned on the private data",
+)
 
 
 class PoissonDataLoader(DataLoader):
@@ -114,27 +127,32 @@ def _fingerprint(inputs: Mapping[str, Any], device: torch.device) -> torch.Tenso
 
 
 class _PrivacyCallback(TrainerCallback):
-    """Stops training before the step that would exceed ``target_epsilon``."""
+    """Stops training at the last step whose ε stays within the *current* ``target_epsilon``."""
 
     def __init__(self, trainer: DPTrainer) -> None:
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if args.target_epsilon is None:
-            return control
-        # ε after the steps σ was calibrated for is within the budget; check only beyond them
-        if state.global_step < (trainer.calibrated_steps or trainer.planned_steps):
-            return control
-        if trainer.epsilon_after_next_step() > args.target_epsilon:
-            if not control.should_training_stop:
+        budget = self.trainer.budget_steps
+        if budget is not None and state.global_step >= budget:
+            if not control.should_training_stop and state.global_step < state.max_steps:
                 logger.warning(
-                    f"privacy budget spent: ε={trainer.get_epsilon():.4g} at step "
+                    f"privacy budget spent: ε={self.trainer.get_epsilon():.4g} at step "
                     f"{state.global_step}; one more step would exceed target_epsilon="
                     f"{args.target_epsilon}. Stopping."
                 )
             control.should_training_stop = True
         return control
+
+
+@contextmanager
+def _without_user_seed(args: DPTrainingArguments) -> Iterator[None]:
+    """Keep a user-fixed ``dp_seed`` out of ``training_args.bin`` while Trainer writes it."""
+    seed, args.dp_seed = args.dp_seed, None
+    try:
+        yield
+    finally:
+        args.dp_seed = seed
 
 
 class DPTrainer(Trainer):
@@ -164,6 +182,8 @@ class DPTrainer(Trainer):
             raise TypeError("DPTrainer needs args=DPTrainingArguments(...)")
         if model is None:
             raise ValueError("DPTrainer needs a model (model_init is not supported).")
+        if kwargs.get("train_dataset") is not None:
+            check_dataset_size(kwargs["train_dataset"])  # empty or iterable: refused up front
         _ = args.device  # under torchrun/accelerate this initialises torch.distributed
         self.device_mesh = self._build_mesh(args)
         if self.device_mesh is not None:
@@ -198,22 +218,24 @@ class DPTrainer(Trainer):
             loss_reduction="mean",
         )
         self.per_sample_loss = per_sample_loss or default_per_sample_loss
-        self.accountant = make_accountant(args.accountant)
-        if args.secure_mode:
-            self.dp_seed, self.secure_key = None, agree_on_key(None)
-        else:
-            self.dp_seed, self.secure_key = agree_on_seed(args.dp_seed), None
-        self.noise_multiplier: float | None = args.noise_multiplier
-        self.calibrated_steps: int | None = None
-        if self.noise_multiplier == 0:
+        self._privacy_plan: PrivacyPlan | None = None
+        if self.train_dataset is not None:
+            logger.info(
+                f"DP-SGD: δ = {self.target_delta:g}, q = {self.sample_rate:.4g}, "
+                f"B̄ = {self.expected_batch_size}, N = {self.train_size}"
+            )
+        self.dp_seed, self.secure_key = self._agree_on_secrets(args)
+        if args.noise_multiplier == 0:
             warnings.warn(
                 "noise_multiplier=0: this run is NOT differentially private (epsilon is infinite); "
                 "use it only for debugging and equivalence checks.",
                 stacklevel=2,
             )
+        self.budget_steps: int | None = None
         self._dp_optimizer: DPOptimizerTP | None = None
         self._ledger_to_restore: dict[str, Any] | None = None
         self._batch_sampler: DistributedPoissonBatchSampler | None = None
+        self._flops_per_micro_batch: float | None = None
         self.add_callback(_PrivacyCallback(self))
 
     # ------------------------------------------------------------------ set-up
@@ -261,6 +283,33 @@ class DPTrainer(Trainer):
             prepare_lora_for_tp(model, self.device_mesh["tp"])
         return model.train()
 
+    @property
+    def replays_randomness(self) -> bool:
+        """True when the Poisson/noise secret is reused across runs (a user-fixed ``dp_seed`` or a
+        ``dp_secrets_file``): a resumed run then continues the same streams."""
+        return self.args.dp_seed is not None or self.args.dp_secrets_file is not None
+
+    def _agree_on_secrets(self, args: DPTrainingArguments) -> tuple[int | None, bytes | None]:
+        """``(seed, key)`` of the Poisson masks and the noise, identical on every rank: the user's
+        ``dp_seed``, the one stored in ``dp_secrets_file``, or fresh from ``os.urandom``. Only an
+        explicit ``dp_secrets_file`` (outside ``output_dir``, mode 0600) ever stores it."""
+        if args.dp_seed is not None:
+            return args.dp_seed, None
+        path = args.dp_secrets_file
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        stored = None
+        if path is not None:
+            check_secrets_file_location(path, args.output_dir)
+            if first:
+                stored = read_secrets_file(path, secure_mode=args.secure_mode)
+        if args.secure_mode:
+            secret: int | bytes = share_key(stored)
+        else:
+            secret = share_seed(stored)
+        if path is not None and first and stored is None:
+            write_secrets_file(path, secret)
+        return (None, secret) if args.secure_mode else (secret, None)
+
     def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
         # DPTrainer does the data split (Poisson sampler on the dp/tp mesh) and owns the
         # gradient (DP optimizer), so accelerate gets no TP parallelism config: its TP
@@ -281,17 +330,23 @@ class DPTrainer(Trainer):
 
     # ------------------------------------------------------------------ privacy plan
     @property
-    def train_size(self) -> int:
-        if self.train_dataset is None:
-            raise ValueError("DPTrainer: training requires a train_dataset.")
-        if isinstance(self.train_dataset, torch.utils.data.IterableDataset) or not hasattr(
-            self.train_dataset, "__len__"
-        ):
-            raise ValueError(
-                "DPTrainer needs a map-style train_dataset with a length: Poisson sampling draws "
-                "each of the N records independently (an IterableDataset cannot be sampled)."
+    def privacy_plan(self) -> PrivacyPlan:
+        """B̄, q, δ, σ, the accountant and the ledger of this run (built from the train set)."""
+        if self._privacy_plan is None:
+            args = self.args
+            self._privacy_plan = PrivacyPlan(
+                dataset_size=check_dataset_size(self.train_dataset),
+                expected_batch_size=self.expected_batch_size,
+                accountant_name=args.accountant,
+                noise_multiplier=args.noise_multiplier,
+                target_epsilon=args.target_epsilon,
+                target_delta=args.target_delta,
             )
-        return len(self.train_dataset)
+        return self._privacy_plan
+
+    @property
+    def train_size(self) -> int:
+        return self.privacy_plan.dataset_size
 
     @property
     def expected_batch_size(self) -> int:
@@ -305,69 +360,45 @@ class DPTrainer(Trainer):
 
     @property
     def sample_rate(self) -> float:
-        rate = self.expected_batch_size / self.train_size
-        if rate > 1:
-            raise ValueError(
-                f"the expected logical batch {self.expected_batch_size} (per_device_train_batch_"
-                f"size × gradient_accumulation_steps × dp_size) exceeds the {self.train_size} "
-                "training records: lower the batch settings."
-            )
-        return rate
+        return self.privacy_plan.sample_rate
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, round(1 / self.sample_rate))
+        return self.privacy_plan.steps_per_epoch
 
     @property
     def planned_steps(self) -> int:
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch))
+        return self.privacy_plan.planned_steps(
+            max_steps=self.args.max_steps, epochs=self.args.num_train_epochs
+        )
 
     @property
     def target_delta(self) -> float:
-        return self.args.target_delta if self.args.target_delta is not None else 1 / self.train_size
+        return self.privacy_plan.target_delta
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        return self.privacy_plan.noise_multiplier
+
+    @property
+    def accountant(self):
+        return self.privacy_plan.accountant
 
     def _resolve_noise_multiplier(self) -> float:
-        if self.noise_multiplier is None:
-            self.calibrated_steps = self.planned_steps
-            self.noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=self.args.target_epsilon,
-                target_delta=self.target_delta,
-                sample_rate=self.sample_rate,
-                steps=self.planned_steps,
-                accountant=self.args.accountant,
-            )
-        return self.noise_multiplier
+        return self.privacy_plan.resolve_noise_multiplier(self.planned_steps)
 
     def get_epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default ``target_delta``), identical on every rank."""
-        return epsilon_spent(self.accountant, self.target_delta if delta is None else delta)
-
-    def epsilon_after_next_step(self) -> float:
-        from opacus.accountants import create_accountant
-
-        probe = create_accountant(mechanism=self.args.accountant)
-        probe.load_state_dict(self.accountant.state_dict())
-        probe.step(noise_multiplier=self._resolve_noise_multiplier(), sample_rate=self.sample_rate)
-        return epsilon_spent(probe, self.target_delta)
+        return self.privacy_plan.epsilon(delta)
 
     def privacy_report(self) -> dict[str, Any]:
         return {
-            "epsilon": self.get_epsilon(),
-            "delta": self.target_delta,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "steps": self._dp_optimizer.steps_taken if self._dp_optimizer else 0,
-            "accountant": self.args.accountant,
+            **self.privacy_plan.report(),
             "per_sample_max_grad_norm": self.args.per_sample_max_grad_norm,
-            "expected_batch_size": self.expected_batch_size,
-            "dataset_size": self.train_size,
             "dp_size": self.mesh_info.dp_size,
             "tp_size": self.mesh_info.tp_size,
-            "poisson_sampling": True,
             "secure_mode": self.args.secure_mode,
-            "target_epsilon": self.args.target_epsilon,
+            "not_covered": list(NOT_COVERED),
         }
 
     # ------------------------------------------------------------------ data
@@ -470,9 +501,7 @@ class DPTrainer(Trainer):
         return dp_optimizer
 
     def _accountant_step(self, optimizer: DPOptimizerTP) -> None:
-        self.accountant.step(
-            noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate
-        )
+        self.privacy_plan.step(optimizer.noise_multiplier)
 
     def _clip_grad_norm(self, model: nn.Module):
         return None  # per-sample clipping happens in the DP optimizer
@@ -512,10 +541,28 @@ class DPTrainer(Trainer):
         else:
             with self.compute_loss_context_manager():
                 losses, _ = self.per_sample_loss(model, inputs)
+            self.grad_sample_controller.check_batch_size(losses.shape[0])
             loss = losses.mean()
             self.accelerator.backward(loss)
             self._dp_optimizer.clip_and_accumulate()
         return loss.detach() / self.current_gradient_accumulation_steps
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> float:
+        """FLOPs of the *expected* micro-batch (``per_device_train_batch_size`` samples at the
+        model's context length), never of the sampled one: ``total_flos`` in checkpoints would
+        otherwise give away every realised Poisson batch size."""
+        if self._flops_per_micro_batch is None:
+            model = self.model
+            config = getattr(model, "config", None)
+            tokens = getattr(config, "max_position_embeddings", None) or 1
+            if hasattr(model, "num_parameters"):
+                params = model.num_parameters(exclude_embeddings=True)
+            else:
+                params = sum(p.numel() for p in model.parameters())
+            self._flops_per_micro_batch = float(
+                6 * params * tokens * self.args.per_device_train_batch_size
+            )
+        return self._flops_per_micro_batch
 
     def compute_loss(
         self,
@@ -539,12 +586,24 @@ class DPTrainer(Trainer):
 
     # ------------------------------------------------------------------ train / report
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """As ``Trainer.train``; before the first step the ledger of ``resume_from_checkpoint``
+        is checked and restored, σ is resolved, and the step budget of the current
+        ``target_epsilon`` is fixed (a resume that cannot take one more step is refused)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint found in output_dir {self.args.output_dir}")
+        self._ledger_to_restore = None
         if resume_from_checkpoint:
             self._load_ledger(resume_from_checkpoint)
+        plan = self.privacy_plan
+        plan.resolve_noise_multiplier(self.planned_steps)
+        self.budget_steps = plan.budget_steps(self.planned_steps)
+        if self.budget_steps is not None and self.budget_steps <= plan.steps_accounted:
+            raise ValueError(
+                f"ε after {plan.steps_accounted} steps is {plan.epsilon():.4g} and one more step "
+                f"would exceed target_epsilon={plan.target_epsilon}: nothing left to train."
+            )
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._write_privacy_report()
         return output
@@ -559,76 +618,58 @@ class DPTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def ledger(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue ε and never reuse noise or masks."""
-        return {
-            "accountant": {
-                "mechanism": self.args.accountant,
-                "history": [list(entry) for entry in self.accountant.history],
-            },
-            "noise_multiplier": self.noise_multiplier,
-            "calibrated_steps": self.calibrated_steps,
-            "sample_rate": self.sample_rate,
-            "dp_seed": self.dp_seed,
-            "secure_key": self.secure_key.hex() if self.secure_key else None,
-            "optimizer": self._dp_optimizer.dp_state_dict() if self._dp_optimizer else None,
-            "global_step": self.state.global_step,
-        }
+        """The privacy ledger written into every checkpoint: continues ε exactly; holds no seed,
+        key or generator state."""
+        return self.privacy_plan.ledger(
+            global_step=self.state.global_step,
+            optimizer_state=self._dp_optimizer.dp_state_dict() if self._dp_optimizer else None,
+        )
 
     def _load_ledger(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, LEDGER_NAME)
-        if not os.path.isfile(path):
+        ledger = read_ledger(checkpoint)
+        self.privacy_plan.restore(
+            ledger, where=checkpoint, explicit_sigma=self.args.noise_multiplier is not None
+        )
+        if self.args.ignore_data_skip and self.replays_randomness:
             raise ValueError(
-                f"{checkpoint} has no privacy ledger ({LEDGER_NAME}): resuming DP training from it "
-                "would reset ε and could reuse noise. Resume only from DPTrainer checkpoints."
+                "ignore_data_skip=True with a replayed seed (dp_seed or dp_secrets_file) would "
+                "draw the checkpoint's already-used Poisson batches again and count them as new. "
+                "Resume without ignore_data_skip, or without a fixed seed (fresh batches)."
             )
-        with open(path) as f:
-            ledger = json.load(f)
-        if ledger["accountant"]["mechanism"] != self.args.accountant:
-            raise ValueError(
-                f"the checkpoint was accounted with {ledger['accountant']['mechanism']!r}, "
-                f"not {self.args.accountant!r}"
-            )
-        if abs(ledger["sample_rate"] - self.sample_rate) > 1e-12:
-            raise ValueError(
-                f"the checkpoint's sampling rate {ledger['sample_rate']} differs from this run's "
-                f"{self.sample_rate}: keep the dataset and batch settings when resuming."
-            )
-        self.accountant.history = [tuple(entry) for entry in ledger["accountant"]["history"]]
-        self.noise_multiplier = ledger["noise_multiplier"]
-        self.calibrated_steps = ledger.get("calibrated_steps")
-        if self.args.secure_mode:
-            self.secure_key = bytes.fromhex(ledger["secure_key"])
-        else:
-            self.dp_seed = ledger["dp_seed"]
         self._ledger_to_restore = ledger
         if self._dp_optimizer is not None:
             self._dp_optimizer.load_dp_state_dict(ledger["optimizer"])
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         super()._save_checkpoint(model, trial)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
         output_dir = os.path.join(
             self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         )
         if self.args.should_save:
-            with open(os.path.join(output_dir, LEDGER_NAME), "w") as f:
-                json.dump(self.ledger(), f)
+            write_ledger(output_dir, self.ledger())
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.mesh_info.tp_size > 1:
             # each TP rank holds different optimizer-state shards: one file per rank
-            os.makedirs(output_dir, exist_ok=True)
-            path = os.path.join(output_dir, OPTIMIZER_RANK_NAME.format(rank=dist.get_rank()))
-            torch.save(self.optimizer.state_dict(), path)
+            save_rank_optimizer(output_dir, dist.get_rank(), self.optimizer.state_dict())
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.mesh_info.tp_size > 1:
-            path = os.path.join(checkpoint, OPTIMIZER_RANK_NAME.format(rank=dist.get_rank()))
-            if os.path.isfile(path):
-                self.optimizer.load_state_dict(torch.load(path, weights_only=False))
+        if checkpoint is None:
+            return
+        if self.mesh_info.tp_size > 1:
+            state = load_rank_optimizer(checkpoint, dist.get_rank())
+            if state is not None:
+                self.optimizer.load_state_dict(state)
+        if self._ledger_to_restore is not None and self._dp_optimizer is not None:
+            expected = self._ledger_to_restore["optimizer"]["steps_taken"]
+            if self._dp_optimizer.steps_taken != expected:
+                raise LedgerError(
+                    f"{checkpoint}: the optimizer state is from noisy step "
+                    f"{self._dp_optimizer.steps_taken} but the privacy ledger records {expected}: "
+                    "the files do not belong together. Resume from an untouched checkpoint."
+                )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         model = model if model is not None else self.model
@@ -642,7 +683,12 @@ class DPTrainer(Trainer):
             load_full_checkpoint_into_sharded(model, resume_from_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """An ordinary, unsharded checkpoint that ``from_pretrained`` loads in one process."""
+        """An ordinary, unsharded checkpoint that ``from_pretrained`` loads in one process (its
+        ``training_args.bin`` without a user-fixed ``dp_seed``)."""
+        with _without_user_seed(self.args):
+            self._save_unsharded(output_dir, state_dict)
+
+    def _save_unsharded(self, output_dir: str | None, state_dict: dict | None) -> None:
         if not has_dtensor_parameters(self.model):
             if self.args.should_save:
                 super()._save(output_dir, state_dict=state_dict)
@@ -667,44 +713,3 @@ class DPTrainer(Trainer):
         finally:
             if distributed_config is not None:
                 config.distributed_config = distributed_config
-
-
-def load_full_checkpoint_into_sharded(
-    model: nn.Module, checkpoint_dir: str, adapter_name: str | None = None
-) -> None:
-    """Load an unsharded safetensors checkpoint into a TP-sharded model: each rank copies its own
-    slice of every DTensor entry. With ``adapter_name``, the checkpoint is a peft adapter
-    (``adapter_model.safetensors``, names without the adapter name) and only its entries load."""
-    from safetensors.torch import load_file
-    from torch.distributed.tensor import distribute_tensor
-
-    names = sorted(n for n in os.listdir(checkpoint_dir) if n.endswith(".safetensors"))
-    wanted = [n for n in names if ("adapter" in n) == (adapter_name is not None)]
-    if not wanted:
-        raise ValueError(f"no safetensors weights to resume from in {checkpoint_dir}")
-    full: dict[str, torch.Tensor] = {}
-    for name in wanted:
-        full.update(load_file(os.path.join(checkpoint_dir, name)))
-    loaded = 0
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            key = name.replace(f".{adapter_name}.", ".") if adapter_name else name
-            if key not in full:
-                continue
-            source = full[key]
-            if isinstance(tensor, DTensor):
-                local = distribute_tensor(
-                    source.to(tensor.dtype),
-                    tensor.device_mesh,
-                    tensor.placements,
-                    src_data_rank=None,
-                ).to_local()
-                tensor.to_local().copy_(local)
-            else:
-                tensor.copy_(source.to(dtype=tensor.dtype, device=tensor.device))
-            loaded += 1
-    if loaded < len(full):
-        raise ValueError(
-            f"{checkpoint_dir}: only {loaded} of {len(full)} saved tensors match the model's "
-            "parameters; resume with the same model and adapter configuration."
-        )

@@ -124,7 +124,7 @@ def _dist_worker(rank: int, world_size: int) -> dict:
         batches = []
         for _ in range(EPOCHS_DIST):  # plain epoch loop: the sampler advances its own epoch
             batches.extend(list(sampler))
-        out[secure] = {"batches": batches, "state": sampler.state_dict()}
+        out[secure] = {"batches": batches, "state": sampler.state_dict(include_secret=True)}
     # Agreement over a subgroup is rooted at that group's first global rank.
     tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     my_tp = tp_groups[rank // 2]
@@ -312,7 +312,7 @@ def test_resume_is_exact(secure, k):
 
     first_sampler = _make(secure, **({"secure_key": b"s" * 32} if secure else {"seed": 5}))
     head = consume(first_sampler, k)
-    state = first_sampler.state_dict()
+    state = first_sampler.state_dict(include_secret=True)
     assert state["epoch"] * 12 + state["num_yielded"] == k
     assert all(isinstance(v, int | float | bool | bytes) for v in state.values())
     state = pickle.loads(pickle.dumps(state))
@@ -323,6 +323,24 @@ def test_resume_is_exact(secure, k):
     for _ in range(state["epoch"] + 1, epochs):  # ... then the remaining epochs
         tail.extend(resumed)
     assert head + tail == full
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_default_state_has_no_secret_and_resumes_position_with_fresh_draws(secure):
+    """A checkpointed sampler state never holds the seed/key (it rebuilds every batch); a
+    resumed sampler keeps the position and draws fresh batches with its own secret."""
+    secret = {"secure_key": b"s" * 32} if secure else {"seed": 5}
+    first = _make(secure, **secret)
+    head = consume(first, 5)
+    state = first.state_dict()
+    assert "seed" not in state and "secure_key" not in state
+    assert b"s" * 32 not in pickle.dumps(state)
+    full = head + list(first)
+    resumed = _make(secure)  # fresh secret
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(head) + len(tail) == len(full) == 12
+    assert tail != full[5:]  # fresh draws, not a replay of the checkpointed run's batches
 
 
 def test_num_micro_batches_chunks_concatenate_to_the_share():
@@ -476,7 +494,7 @@ def test_bad_state_and_epoch():
     s = _make(False, seed=1)
     with pytest.raises(ValueError, match="epoch"):
         s.set_epoch(-1)
-    good = s.state_dict()
+    good = s.state_dict(include_secret=True)
     for change, match in [
         ({"num_micro_batches": 2}, "num_micro_batches"),
         ({"sample_rate": 0.3}, "sample_rate"),
@@ -489,7 +507,9 @@ def test_bad_state_and_epoch():
         with pytest.raises(ValueError, match=match):
             s.load_state_dict({**good, **change})
     with pytest.raises(ValueError, match="secure_key"):
-        _make(True).load_state_dict({**_make(True).state_dict(), "secure_key": None})
+        _make(True).load_state_dict(
+            {**_make(True).state_dict(include_secret=True), "secure_key": None}
+        )
     with pytest.raises(ValueError, match="n must be"):
         secure_uniform(-1, b"k" * 32, (0,))
     with pytest.raises(ValueError, match="key"):

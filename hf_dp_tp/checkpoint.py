@@ -1,0 +1,163 @@
+"""Files a DP run reads and writes besides the model: the ledger, per-rank optimizer state,
+sharded resumes, and the opt-in secrets file.
+
+What is at rest matters for privacy (docs/usage.md, "Checkpointing the privacy ledger"):
+
+- checkpoints hold the privacy ledger (accountant history, σ, q, step counts) and never a seed,
+  a key or a generator state from which the noise or the Poisson batches could be rebuilt;
+- optimizer state is loaded with ``weights_only=True`` (a checkpoint cannot run code);
+- the only file that may hold a secret is the *secrets file* a user asks for explicitly to replay
+  a run bit for bit. It must lie outside ``output_dir`` (which ``push_to_hub`` uploads) and is
+  created with mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+LEDGER_NAME = "dp_ledger.json"
+REPORT_NAME = "privacy_report.json"
+OPTIMIZER_RANK_NAME = "optimizer.rank{rank}.pt"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+# ---------------------------------------------------------------------- ledger
+def write_ledger(checkpoint_dir: str, ledger: dict[str, Any]) -> None:
+    with open(os.path.join(checkpoint_dir, LEDGER_NAME), "w") as f:
+        json.dump(ledger, f)
+
+
+def checkpoint_global_step(checkpoint_dir: str) -> int:
+    """The global step recorded by Trainer in ``trainer_state.json`` of a checkpoint."""
+    path = os.path.join(checkpoint_dir, TRAINER_STATE_NAME)
+    try:
+        with open(path) as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"cannot read the global step of checkpoint {checkpoint_dir} from {path} ({err}): "
+            "resume only from complete DPTrainer checkpoints."
+        ) from None
+
+
+# ---------------------------------------------------------------------- optimizer state
+def save_rank_optimizer(checkpoint_dir: str, rank: int, state: dict[str, Any]) -> None:
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    torch.save(state, os.path.join(checkpoint_dir, OPTIMIZER_RANK_NAME.format(rank=rank)))
+
+
+def load_rank_optimizer(checkpoint_dir: str, rank: int) -> dict[str, Any] | None:
+    """This rank's optimizer state, or None when the checkpoint has none. Loaded with
+    ``weights_only=True``: a file that needs arbitrary unpickling is refused, never executed."""
+    path = os.path.join(checkpoint_dir, OPTIMIZER_RANK_NAME.format(rank=rank))
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(
+            f"refusing to load {path}: it is not plain tensor/optimizer state ({err})."
+        ) from None
+
+
+# ---------------------------------------------------------------------- sharded weights
+def load_full_checkpoint_into_sharded(
+    model: nn.Module, checkpoint_dir: str, adapter_name: str | None = None
+) -> None:
+    """Load an unsharded safetensors checkpoint into a TP-sharded model: each rank copies its own
+    slice of every DTensor entry. With ``adapter_name``, the checkpoint is a peft adapter
+    (``adapter_model.safetensors``, names without the adapter name) and only its entries load."""
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    names = sorted(n for n in os.listdir(checkpoint_dir) if n.endswith(".safetensors"))
+    wanted = [n for n in names if ("adapter" in n) == (adapter_name is not None)]
+    if not wanted:
+        raise ValueError(f"no safetensors weights to resume from in {checkpoint_dir}")
+    full: dict[str, torch.Tensor] = {}
+    for name in wanted:
+        full.update(load_file(os.path.join(checkpoint_dir, name)))
+    loaded = 0
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            key = name.replace(f".{adapter_name}.", ".") if adapter_name else name
+            if key not in full:
+                continue
+            source = full[key]
+            if isinstance(tensor, DTensor):
+                local = distribute_tensor(
+                    source.to(tensor.dtype),
+                    tensor.device_mesh,
+                    tensor.placements,
+                    src_data_rank=None,
+                ).to_local()
+                tensor.to_local().copy_(local)
+            else:
+                tensor.copy_(source.to(dtype=tensor.dtype, device=tensor.device))
+            loaded += 1
+    if loaded < len(full):
+        raise ValueError(
+            f"{checkpoint_dir}: only {loaded} of {len(full)} saved tensors match the model's "
+            "parameters; resume with the same model and adapter configuration."
+        )
+
+
+# ---------------------------------------------------------------------- the secrets file
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_secrets_file_location(path: str, output_dir: str | None) -> None:
+    """The secrets file must not lie under ``output_dir`` (checkpoints, pushes to the Hub)."""
+    if output_dir and _inside(path, output_dir):
+        raise ValueError(
+            f"dp_secrets_file={path!r} lies inside output_dir={output_dir!r}, which holds "
+            "checkpoints that may be shared or pushed to the Hub: with two checkpoints the seed "
+            "subtracts the noise. Put it outside output_dir, somewhere only you can read."
+        )
+
+
+def read_secrets_file(path: str, *, secure_mode: bool) -> int | bytes | None:
+    """The seed (seeded mode) or key (secure mode) stored in ``path``; None if it does not exist."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        mode = data["mode"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"dp_secrets_file {path} is unreadable or corrupt ({err}).") from None
+    expected = "secure" if secure_mode else "seeded"
+    if mode != expected:
+        raise ValueError(
+            f"dp_secrets_file {path} holds a {mode!r} secret but this run is {expected!r} "
+            "(secure_mode must match the run that wrote it)."
+        )
+    return bytes.fromhex(data["key"]) if secure_mode else int(data["seed"])
+
+
+def write_secrets_file(path: str, secret: int | bytes) -> None:
+    """Create ``path`` with mode 0600 holding the seed or key (never overwrites a file)."""
+    if isinstance(secret, bytes):
+        data = {"mode": "secure", "key": secret.hex()}
+    else:
+        data = {"mode": "seeded", "seed": int(secret)}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    warnings.warn(
+        f"the DP seed/key of this run is stored in {path} (mode 0600) so it can be replayed. "
+        "Whoever can read it and two checkpoints can subtract the noise and rebuild every batch: "
+        "keep it private and delete it when replay is no longer needed.",
+        stacklevel=2,
+    )
