@@ -191,7 +191,8 @@ def _integrity_worker(rank: int, world: int, model_dir: str, root: str) -> dict:
     # tampered copies of the checkpoints: written by rank 0, read by both ranks
     tampered = os.path.join(root, "tampered")
     stale, stale_opt, corrupt, payload = (
-        os.path.join(tampered, name) for name in ("stale-ledger", "stale-optimizer", "corrupt", "payload")
+        os.path.join(tampered, name)
+        for name in ("stale-ledger", "stale-optimizer", "corrupt", "payload")
     )
     marker = os.path.join(root, f"payload-ran-{rank}")
     if rank == 0:
