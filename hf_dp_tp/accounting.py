@@ -1,4 +1,4 @@
-"""Privacy accounting on top of opacus's accountants (DESIGN.md rule 10).
+"""Privacy accounting on top of opacus's accountants (contract rule 10, docs/usage.md).
 
 One accountant step per optimizer step with the *global* sampling rate q and σ; every rank keeps
 an identical accountant, rank 0 reports.

@@ -4,8 +4,9 @@
 parameters. The hook runs *before* any parallel style's output transform (``prepend=True``), so
 it sees the activation after the style's input transform and the module's *raw* output; a tensor
 hook on that raw output then receives its gradient during backward. Both are turned into plain
-local tensors (DESIGN.md rule 2) and a grad sampler (:mod:`hf_dp_tp.grad_samplers`) produces
-``param.grad_sample`` of shape ``[B, *param.to_local().shape]``.
+local tensors (contract rule 2, docs/usage.md) and a grad sampler
+(:mod:`hf_dp_tp.grad_samplers`) produces ``param.grad_sample`` of shape
+``[B, *param.to_local().shape]``.
 
 The model object is untouched apart from those hooks and the ``grad_sample`` attribute on
 trainable parameters; :meth:`GradSampleControllerTP.cleanup` removes both.
@@ -164,7 +165,8 @@ REPLICA_MISMATCH_TOLERANCE = 1e-2
 def per_sample_norms(
     grad_samples: list[tuple[torch.Tensor, ParamLayout]], mesh: MeshInfo
 ) -> torch.Tensor | None:
-    """DESIGN.md rule 3: ``n_i = sqrt(all_reduce_TP(Σ_sharded ‖g‖²) + Σ_replicated ‖g‖²)``.
+    """Contract rule 3 (docs/usage.md):
+    ``n_i = sqrt(all_reduce_TP(Σ_sharded ‖g‖²) + Σ_replicated ‖g‖²)``.
 
     Replicated squares are added on TP rank 0 only, inside the same all-reduce, so they count
     once and the result is bit-identical on every TP rank. The same all-reduce also carries each
@@ -388,7 +390,8 @@ class GradSampleControllerTP:
         return self._layouts[id(param)]
 
     def get_per_sample_norms(self) -> torch.Tensor | None:
-        """Norms of the whole model's per-sample gradients currently stored (DESIGN.md rule 3)."""
+        """Norms of the whole model's per-sample gradients currently stored (contract rule 3,
+        docs/usage.md)."""
         samples = [
             (p.grad_sample, self.layout_of(p))
             for p in self.trainable_parameters()
@@ -527,7 +530,8 @@ class GradSampleControllerTP:
                 f"module '{info.name}' got an input with batch dim {activation.shape[0]} while the "
                 f"model's batch is {self._batch_size}: its output is broadcast over the batch "
                 "(e.g. position ids without a batch dimension), which loses per-sample gradients. "
-                "Pass such inputs with the batch dimension (expand to [B, ...]) or freeze the module."
+                "Pass such inputs with the batch dimension (expand to [B, ...]) or freeze the "
+                "module."
             )
         self._seen_batch_sizes.add(activation.shape[0])
         generation = self._generation

@@ -1,5 +1,5 @@
-"""DP-SGD on a tensor-parallel model: clip per sample, sum, add noise, reduce, scale (DESIGN.md
-rules 4-9), then let any torch optimizer apply the result."""
+"""DP-SGD on a tensor-parallel model: clip per sample, sum, add noise, reduce, scale (contract
+rules 4-9, docs/usage.md), then let any torch optimizer apply the result."""
 
 from __future__ import annotations
 
@@ -75,12 +75,12 @@ def split_mixed_param_groups(optimizer: Optimizer) -> None:
 class DPOptimizerTP(Optimizer):
     """Wraps a torch optimizer and replaces the gradient it sees by the DP-SGD gradient.
 
-    Per step (DESIGN.md): clip each sample's gradient with a factor identical on every TP rank
-    (rule 4), sum the clipped gradients over every micro-batch of the logical batch (rule 5), add
-    ``N(0, (σC)²)`` once to the sum — independent per TP rank for sharded parameters, TP rank 0's
-    draw for replicated ones, on DP rank 0 only (rule 6) — all-reduce the sum over the DP group
-    (rule 7), divide by the expected global logical batch for ``loss_reduction="mean"`` (rule 8)
-    and write it as ``param.grad`` with the parameter's own DTensor placements (rule 9).
+    Per step (contract, docs/usage.md): clip each sample's gradient with a factor identical on every
+    TP rank (rule 4), sum the clipped gradients over every micro-batch of the logical batch (rule
+    5), add ``N(0, (σC)²)`` once to the sum — independent per TP rank for sharded parameters, TP
+    rank 0's draw for replicated ones, on DP rank 0 only (rule 6) — all-reduce the sum over the DP
+    group (rule 7), divide by the expected global logical batch for ``loss_reduction="mean"`` (rule
+    8) and write it as ``param.grad`` with the parameter's own DTensor placements (rule 9).
 
     Args:
         optimizer: the wrapped optimizer (SGD, AdamW — foreach or fused —, ...).
@@ -272,8 +272,8 @@ class DPOptimizerTP(Optimizer):
 
     @staticmethod
     def _write_grad(param: torch.nn.Parameter, local_grad: torch.Tensor) -> None:
-        """DESIGN.md rule 9: a DTensor grad with the parameter's placements, so the wrapped
-        optimizer (foreach or fused) really reads it."""
+        """Contract rule 9 (docs/usage.md): a DTensor grad with the parameter's placements, so the
+        wrapped optimizer (foreach or fused) really reads it."""
         if isinstance(param, DTensor):
             local_grad = local_grad.to(param.to_local().dtype)
             param.grad = DTensor.from_local(

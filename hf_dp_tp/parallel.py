@@ -1,8 +1,8 @@
 """The ``("dp", "tp")`` device mesh and how each parameter is laid out on it.
 
-Vocabulary (see DESIGN.md): ranks of one **TP group** hold different shards of the same model and
-see the same batch; ranks of one **DP group** hold replicas and see disjoint sub-batches. Every
-reduction in this package names one of those two groups, never WORLD.
+Vocabulary (see "The DP-SGD contract" in docs/usage.md): ranks of one **TP group** hold different
+shards of the same model and see the same batch; ranks of one **DP group** hold replicas and see
+disjoint sub-batches. Every reduction in this package names one of those two groups, never WORLD.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Poisson sampling for DP-SGD under data and tensor parallelism (DESIGN.md, rule 1).
+"""Poisson sampling for DP-SGD under data and tensor parallelism (contract rule 1, docs/usage.md).
 
 One Poisson mask per *logical batch* (= one optimizer step): sample ``i`` is in the batch iff
 ``u_i < q``, where ``u`` is a vector of uniforms that depends only on ``(seed or key, epoch,

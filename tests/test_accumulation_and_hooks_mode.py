@@ -1,4 +1,4 @@
-"""Gradient accumulation (DESIGN.md rule 5) and the non-TP ``"hooks"`` mode.
+"""Gradient accumulation (contract rule 5, docs/usage.md) and the non-TP ``"hooks"`` mode.
 
 - Micro-batches clipped and summed one by one, then one noisy step, give exactly the gradient of
   one big batch — with noise too, since a step's noise depends only on (seed, TP rank, step).

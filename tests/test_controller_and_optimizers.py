@@ -1,5 +1,6 @@
 """The controller leaves the model as it was; any torch optimizer really applies the DP gradient
-(DESIGN.md rule 9: DTensor grads with the parameter's placements); bf16 norms stay in fp32."""
+(contract rule 9 in docs/usage.md: DTensor grads with the parameter's placements); bf16 norms stay
+in fp32."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The engine end to end on tp=2: Poisson loader, DP optimizer and accountant together.
 
 ε must equal an independently built opacus accountant fed (σ, q, steps) — one accountant step per
-optimizer step with the *global* q (DESIGN.md rule 10) — and grow with every step; σ calibrated
-for a target ε must spend that ε by the planned step; the privacy ledger round-trips.
+optimizer step with the *global* q (contract rule 10, docs/usage.md) — and grow with every step; σ
+calibrated for a target ε must spend that ε by the planned step; the privacy ledger round-trips.
 """
 
 from __future__ import annotations

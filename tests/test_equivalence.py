@@ -1,4 +1,4 @@
-"""DP-TP equals single-process DP-SGD (DESIGN.md rules 2-5, 7-9).
+"""DP-TP equals single-process DP-SGD (contract rules 2-5 and 7-9, docs/usage.md).
 
 With σ = 0 and a clip norm below every per-sample norm (so every sample is clipped), the
 per-sample norms and the applied SGD(lr=1) update of every parameter of a TP (t=2) and a DP×TP

@@ -1,6 +1,5 @@
-"""Bad inputs fail early, with a message that says what to change (DESIGN.md: "A layout the code
-cannot handle raises a clear error naming the module and placement; it never trains silently with
-a wrong norm").
+"""Bad inputs fail early, with a message that says what to change: a layout the code cannot handle
+raises a clear error naming the module and placement; it never trains silently with a wrong norm.
 
 Single-process checks run directly. Every check that needs ``torch.distributed`` (a TP mesh,
 DTensor parameters) runs inside ONE 2-rank worker, spawned once per module by a fixture; each

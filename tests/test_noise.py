@@ -1,4 +1,4 @@
-"""Noise (DESIGN.md rule 6) and replica consistency, on a dp=2 × tp=2 mesh.
+"""Noise (contract rule 6, docs/usage.md) and replica consistency, on a dp=2 × tp=2 mesh.
 
 On zero gradients the step's gradient *is* the noise (``loss_reduction="sum"``), so its statistics
 are measured directly: std exactly σ·C on every parameter (never divided by world/tp/dp size, never

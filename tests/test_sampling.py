@@ -1,4 +1,4 @@
-"""Tests for DESIGN.md rule 1 (sampling) and the randomness primitives behind it.
+"""Tests for sampling (contract rule 1, docs/usage.md) and the randomness primitives behind it.
 
 Every test here fails if the rule it names is broken: ranks disagreeing on the Poisson mask, a DP
 share overlapping another or missing indices, fixed-size instead of Poisson batches, skipped
