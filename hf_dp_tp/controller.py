@@ -527,11 +527,12 @@ class GradSampleControllerTP:
         activation = activation.detach()
         if self._batch_size is not None and activation.shape[0] != self._batch_size:
             raise UnsupportedLayoutError(
-                f"module '{info.name}' got an input with batch dim {activation.shape[0]} while the "
-                f"model's batch is {self._batch_size}: its output is broadcast over the batch "
-                "(e.g. position ids without a batch dimension), which loses per-sample gradients. "
-                "Pass such inputs with the batch dimension (expand to [B, ...]) or freeze the "
-                "module."
+                f"module '{info.name}' got an input with dim 0 of size {activation.shape[0]} while "
+                f"the model's batch is {self._batch_size}: per-sample gradients need the batch as "
+                "dim 0 of every module input. Either the input is broadcast over the batch (e.g. "
+                "position ids without a batch dimension: expand them to [B, ...] or freeze the "
+                "module) or the model runs sequence-first (transpose to [B, T, ...], e.g. "
+                "batch_first=True)."
             )
         self._seen_batch_sizes.add(activation.shape[0])
         generation = self._generation

@@ -404,7 +404,10 @@ def apply_tp_plan(
                 module = modules_by_name[name]
                 for param_name in list(module._parameters):
                     ALL_PARALLEL_STYLES[style].shard_param(module, param_name, tp_mesh)
-        apply_tensor_parallelism(model, tp_mesh, hf_plan)
+        if getattr(model, "config", None) is not None:
+            apply_tensor_parallelism(model, tp_mesh, hf_plan)
+        else:
+            _install_hf_styles(model, tp_mesh, hf_plan)
         for name, style in hf_plan.items():
             if name in modules_by_name:
                 setattr(modules_by_name[name], HF_STYLE_ATTR, style)
@@ -412,6 +415,19 @@ def apply_tp_plan(
         parallelize_module(model, tp_mesh, torch_plan)
     _retie(model, tied)
     return model
+
+
+def _install_hf_styles(model: nn.Module, tp_mesh: DeviceMesh, hf_plan: dict[str, str]) -> None:
+    """Install transformers' TP forwards on a model without an HF ``config`` (a plain
+    ``nn.Module``), which ``apply_tensor_parallelism`` requires: each module entry gets its
+    style's forward, as transformers does for its own models; parameters are already sharded."""
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    modules = dict(model.named_modules())
+    for name, style_name in hf_plan.items():
+        if name in modules:
+            ALL_PARALLEL_STYLES[style_name].install_forward(modules[name], tp_mesh)
+            modules[name]._is_hooked = True
 
 
 def _tied_parameter_names(model: nn.Module) -> list[list[str]]:

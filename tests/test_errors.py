@@ -204,7 +204,7 @@ def test_output_broadcast_over_batch_refused_at_forward():
     model = PositionNet()
     controller = GradSampleControllerTP(model, grad_sample_mode="hooks")
     ids = torch.randint(0, 16, (3, 6))
-    with pytest.raises(UnsupportedLayoutError, match=r"module 'wpe'.*batch dim 1.*is 3.*broadcast"):
+    with pytest.raises(UnsupportedLayoutError, match=r"module 'wpe'.*size 1.*is 3.*broadcast"):
         model(ids)
     controller.cleanup()
     # frozen, the broadcast module is fine
@@ -408,13 +408,13 @@ def test_make_private_loader_without_batch_size():
 
 
 def test_make_private_batch_larger_than_dataset():
-    with pytest.raises(ValueError, match=r"logical batch 32 .* exceeds the dataset size 16"):
+    with pytest.raises(ValueError, match=r"logical batch 32 exceeds the 16 training records"):
         _make_private(DataLoader(_dataset(16), batch_size=32))
 
 
 def test_make_private_rejected_loader_leaves_model_untouched():
     model = _mlp()
-    with pytest.raises(ValueError, match=r"exceeds the dataset size"):
+    with pytest.raises(ValueError, match=r"exceeds the 16 training records"):
         _make_private(DataLoader(_dataset(16), batch_size=32), model=model)
     assert not _has_forward_hooks(model)
 
@@ -605,7 +605,10 @@ def _errors_worker(rank: int, world: int) -> dict[str, str]:
         model = Pair()
         if via_apply_tp_plan:
             apply_tp_plan(model, tp, {"head": "all_reduce"})
-        else:
+        else:  # what transformers' own loading does; it reads an HF model's attributes
+            from transformers import PretrainedConfig
+
+            model.config, model._mesh_manager = PretrainedConfig(), None
             apply_tensor_parallelism(model, tp, {"head": "all_reduce"})
         GradSampleControllerTP(model, device_mesh=mesh)
 
