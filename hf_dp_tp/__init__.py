@@ -27,6 +27,7 @@ _EXPORTS = {
     "per_sample_norms": "controller",
     "prepare_lora_for_tp": "lora",
     "register_grad_sampler": "grad_samplers",
+    "register_grad_sampler_alias": "grad_samplers",
     "resolve_mesh": "parallel",
     "save_lora_adapter": "lora",
 }
@@ -51,6 +52,7 @@ __all__ = [
     "per_sample_norms",
     "prepare_lora_for_tp",
     "register_grad_sampler",
+    "register_grad_sampler_alias",
     "resolve_mesh",
     "save_lora_adapter",
 ]
@@ -73,7 +75,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .arguments import DPTrainingArguments
     from .controller import GradSampleControllerTP, per_sample_norms
     from .engine import PrivacyEngineGradSampleController
-    from .grad_samplers import UnsupportedLayoutError, register_grad_sampler
+    from .grad_samplers import (
+        UnsupportedLayoutError,
+        register_grad_sampler,
+        register_grad_sampler_alias,
+    )
     from .lora import prepare_lora_for_tp, save_lora_adapter
     from .optimizer import DPOptimizerTP
     from .parallel import (

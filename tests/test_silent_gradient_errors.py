@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_dp_tp import GradSampleControllerTP, UnsupportedLayoutError
+from hf_dp_tp import GradSampleControllerTP, UnsupportedLayoutError, register_grad_sampler_alias
 from hf_dp_tp import grad_samplers as grad_samplers_module
-from hf_dp_tp.grad_samplers import register_grad_sampler_alias
 from hf_dp_tp.privacy_plan import default_delta
 from tests.test_trainer import _args, _dataset
 
