@@ -255,10 +255,11 @@ def test_noisy_training_logs_epsilon_matching_opacus(llama_dir, tmp_path):
     print("loss per step", losses, "epsilon per step", eps)
     assert losses[-1] < losses[0]
     assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
+    assert {h["delta"] for h in steps} == {1e-5}  # default min(1e-5, 1/(10 N)), N = 256
     reference = create_accountant("prv")
     for i, logged in enumerate(eps):
         reference.step(noise_multiplier=r0["sigma"], sample_rate=r0["q"])
-        assert logged == pytest.approx(reference.get_epsilon(delta=1 / 256), rel=1e-9), i
+        assert logged == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9), i
     report = json.load(open(os.path.join(out, "privacy_report.json")))
     assert report["epsilon"] == pytest.approx(eps[-1])
     assert report["steps"] == NOISY["max_steps"] and report["noise_multiplier"] == 0.6
