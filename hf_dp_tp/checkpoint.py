@@ -62,8 +62,14 @@ def load_rank_optimizer(checkpoint_dir: str, rank: int) -> dict[str, Any] | None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        reason = next(
+            (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
         raise ValueError(
-            f"refusing to load {path}: it is not plain tensor/optimizer state ({err})."
+            f"refusing to load {path}: it is not plain tensor/optimizer state and loading it "
+            f"would run code from the checkpoint ({reason}). Resume from a checkpoint written by "
+            "DPTrainer."
         ) from None
 
 
