@@ -1,9 +1,8 @@
 """Gaussian noise for DP-SGD that never touches the process-global RNG.
 
 One :class:`NoiseSource` serves one optimizer step on one rank; it draws ``N(0, std²)`` tensors
-in the dtype of the sum they are added to (float32 or float64; half types are drawn in float32
-and rounded), so the noise never sits on a coarser grid than the sum ("Noise is drawn in the
-precision of the sum", The DP-SGD contract, docs/usage.md). Two kinds:
+in the dtype of the sum they are added to, so the noise never sits on a coarser grid than the sum
+(The DP-SGD contract, docs/usage.md: noise is drawn in the precision of the sum). Two kinds:
 
 - **seeded** (default): a fresh ``torch.Generator`` per optimizer step, seeded from
   ``(noise_seed, tp_rank, step)``. Each TP rank gets its own stream (sharded noise is independent
@@ -18,25 +17,24 @@ precision of the sum", The DP-SGD contract, docs/usage.md). Two kinds:
   full-size temporary host buffers). With a CUDA device the raw keystream goes through pinned,
   double-buffered host memory to the GPU asynchronously and the transform runs there.
 
-Secure normals, value by value (the floating-point-attack mitigation). Floating-point samplers
-do not produce every representable value, and not with the right probabilities: a naive sample
-added to a sum leaves traces of the sum in the low-order bits of the result (Mironov 2012; for
-Gaussian samplers Holohan & Braghin 2021). Three measures:
+Secure normals, value by value (the floating-point-attack mitigation). A floating-point sampler
+does not produce every representable value: added to a sum, a value it cannot produce as noise
+tells the sum apart (Mironov 2012; Jin et al. 2021 for Gaussian samplers). Holohan & Braghin
+(2021) fill those gaps by summing several samples, which opacus's secure mode does. Here:
 
-1. each returned value is the normalised sum of :data:`_SECURE_DRAWS` = 4 independent Box-Muller
-   normals (both outputs of two pairs) divided by ``sqrt(4) = 2`` (the same std): the rounding
-   patterns of the four draws smear out, so the low-order bits of the result are close to uniform
-   instead of tracking the grid of one sampler (the mitigation opacus uses);
-2. the noise is computed in the precision of the sum it is added to (float64 sums get float64
-   noise with 52 random bits per uniform, float32 ones float32 noise);
-3. the Box-Muller radius ``sqrt(-2 ln u)`` is computed in float64 from a 52-bit uniform for
-   every output dtype, so each component follows the Gaussian out to 8.5 σ (a float32 uniform,
-   as in torch's own ``normal_``, stops at about 5.7 σ); the angle uses as many random bits as
-   the output's mantissa.
+1. each value is the sum of :data:`_SECURE_DRAWS` = 4 independent Box-Muller normals (both
+   outputs of two pairs), times ``std / sqrt(4)``, all computed in float64 from 52-bit uniforms
+   (each component follows the Gaussian out to 8.5 σ; a 24-bit uniform would stop at 5.8 σ);
+2. the result is rounded **once** to the dtype of the sum it is added to: float32 (or bfloat16)
+   noise is a correctly rounded float64 sample, as dense as that dtype allows and with uniform
+   low-order mantissa bits; float64 noise keeps its float64 variety (the four-sample sum makes
+   its support dense; its lowest few bits favour 0 where the four draws cancel);
+3. the dtype is the sum's own (The DP-SGD contract, docs/usage.md): float32 noise on a float64 sum
+   would leave the sum readable modulo the float32 grid.
 
-Uniforms are built exactly from keystream bits: a word's low 23 (float32) or 52 (float64) bits
-become the mantissa of a float in ``[1, 2)``; ``2 - x`` (exact) lies in ``(0, 1]`` for the radius,
-``x - 1`` in ``[0, 1)`` for the angle ``2π(x - 1)``.
+Uniforms are built exactly from keystream bits: a 64-bit word's low 52 bits become the mantissa
+of a float64 ``x`` in ``[1, 2)``; ``2 - x`` (exact) lies in ``(0, 1]`` for the radius
+``sqrt(-2 ln u)``, ``x - 1`` in ``[0, 1)`` for the angle ``2π(x - 1)``.
 """
 
 from __future__ import annotations
@@ -54,8 +52,10 @@ __all__ = ["NoiseSource", "SecureNormalStream"]
 #: Box-Muller normals summed per secure output value (an even number: both outputs of a pair).
 _SECURE_DRAWS = 4
 _PAIRS = _SECURE_DRAWS // 2
+#: Keystream bytes per output value: one 64-bit word per uniform, two uniforms per pair.
+_BYTES_PER_VALUE = 8 * _SECURE_DRAWS
 #: Output values per chunk when the transform runs on the CPU: the keystream and work buffers
-#: (~2-3 MiB) stay in cache; measured faster than 2**18 and 2**20 on one core.
+#: (~4 MiB) stay in cache; measured faster than 2**18 and 2**20 values on one core.
 _CPU_CHUNK = 1 << 16
 #: Output values per chunk when the transform runs on a CUDA device (fewer, larger copies).
 _CUDA_CHUNK = 1 << 20
@@ -68,12 +68,8 @@ _INITIAL_COUNTER = bytes(16)
 #: Extra bytes at the end of a keystream buffer (older ``cryptography`` releases want
 #: ``len(data) + block_size - 1`` bytes in ``update_into``).
 _SLACK = 16
-
-# output dtype -> (integer word of the same width, mantissa bits, bit pattern of 1.0)
-_WORDS = {
-    torch.float32: (torch.int32, 23, 0x3F800000),
-    torch.float64: (torch.int64, 52, 0x3FF0000000000000),
-}
+_MANTISSA_MASK = (1 << 52) - 1
+_ONE_BITS = 0x3FF0000000000000  # float64 1.0
 
 
 def _fresh_key() -> bytes:
@@ -82,38 +78,21 @@ def _fresh_key() -> bytes:
     return os.urandom(_KEY_BYTES)
 
 
-def _bytes_per_value(dtype: torch.dtype) -> int:
-    """Keystream bytes per output value: ``_PAIRS`` float64 radius uniforms and ``_PAIRS`` angle
-    uniforms of the output's width."""
-    return _PAIRS * (8 + torch.finfo(dtype).bits // 8)
-
-
-def _unit_interval_(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """In place: random integer words -> floats in ``[1, 2)`` whose mantissa is the words' low
-    bits (23 for float32, 52 for float64); returns the float view of the same memory."""
-    _, bits, one = _WORDS[dtype]
-    return words.bitwise_and_((1 << bits) - 1).bitwise_or_(one).view(dtype)
-
-
-def normals_from_keystream(raw: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Turn ``_bytes_per_value(out.dtype) * out.numel()`` random bytes into standard normals in
-    ``out`` (1-D float32/float64, same device as ``raw``). ``raw`` is consumed (overwritten)."""
-    dtype, m = out.dtype, out.numel()
-    radius_bytes = _PAIRS * m * 8
-    # radius sqrt(-2 ln u), u = 2 - x in (0, 1] with 52 random bits, always in float64
-    radius = _unit_interval_(raw[:radius_bytes].view(torch.int64), torch.float64).view(_PAIRS, m)
-    radius.neg_().add_(2.0).log_().mul_(-2.0).sqrt_()
-    if dtype != torch.float64:
-        radius = radius.to(dtype)
-    angle_words = raw[radius_bytes : _bytes_per_value(dtype) * m].view(_WORDS[dtype][0])
-    angle = _unit_interval_(angle_words, dtype).view(_PAIRS, m)
+def normals_from_keystream(raw: torch.Tensor, out: torch.Tensor, std: float = 1.0) -> torch.Tensor:
+    """Turn ``_BYTES_PER_VALUE * out.numel()`` random bytes (a uint8 tensor on ``out``'s device,
+    consumed) into ``N(0, std²)`` values, computed in float64 and rounded once into ``out``."""
+    m = out.numel()
+    words = raw[: _BYTES_PER_VALUE * m].view(torch.int64)
+    uniform = words.bitwise_and_(_MANTISSA_MASK).bitwise_or_(_ONE_BITS).view(torch.float64)
+    radius, angle = uniform.view(2, _PAIRS, m).unbind(0)  # floats in [1, 2)
+    radius.neg_().add_(2.0).log_().mul_(-2.0).sqrt_()  # u = 2 - x in (0, 1]
     angle.sub_(1.0).mul_(2.0 * math.pi)
     cosine = torch.cos(angle).mul_(radius)
     sine = angle.sin_().mul_(radius)
-    torch.add(cosine[0], sine[0], out=out)
+    total = cosine[0].add_(sine[0])
     for p in range(1, _PAIRS):
-        out.add_(cosine[p]).add_(sine[p])
-    return out.mul_(1.0 / math.sqrt(_SECURE_DRAWS))
+        total.add_(cosine[p]).add_(sine[p])
+    return out.copy_(total.mul_(std / math.sqrt(_SECURE_DRAWS)))
 
 
 class SecureNormalStream:
@@ -155,33 +134,35 @@ class SecureNormalStream:
             self._cpu_raw = torch.empty(nbytes + _SLACK, dtype=torch.uint8)
         return self._cpu_raw
 
-    def standard_normal(
-        self, numel: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    def normal(
+        self,
+        numel: int,
+        std: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """A 1-D tensor of ``numel`` standard normals of ``dtype`` (float32 or float64) on
-        ``device``."""
-        if dtype not in _WORDS:
-            raise ValueError(f"secure normals are drawn in float32 or float64, not {dtype}")
+        """A 1-D tensor of ``numel`` draws of ``N(0, std²)`` on ``device``, computed in float64 and
+        rounded once to ``dtype`` (any floating dtype)."""
+        if not dtype.is_floating_point:
+            raise ValueError(f"noise must be floating point, got {dtype}")
         device = torch.device(device)
         if device.type == "cuda":
-            return self._standard_normal_cuda(numel, dtype, device)
+            return self._normal_cuda(numel, std, dtype, device)
         out = torch.empty(numel, dtype=dtype)
-        per_value = _bytes_per_value(dtype)
-        raw = self._raw_buffer(_CPU_CHUNK * per_value)
+        raw = self._raw_buffer(_CPU_CHUNK * _BYTES_PER_VALUE)
         for start in range(0, numel, _CPU_CHUNK):
             m = min(_CPU_CHUNK, numel - start)
-            self._keystream_into(raw, m * per_value)
-            normals_from_keystream(raw[: m * per_value], out[start : start + m])
+            self._keystream_into(raw, m * _BYTES_PER_VALUE)
+            normals_from_keystream(raw, out[start : start + m], std)
         return out if device.type == "cpu" else out.to(device)
 
-    def _standard_normal_cuda(
-        self, numel: int, dtype: torch.dtype, device: torch.device
+    def _normal_cuda(
+        self, numel: int, std: float, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         """Keystream in pinned host buffers (two, alternating), copied asynchronously to the GPU,
         where the transform runs; the CPU fills one buffer while the GPU works on the other."""
         out = torch.empty(numel, dtype=dtype, device=device)
-        per_value = _bytes_per_value(dtype)
-        chunk_bytes = _CUDA_CHUNK * per_value
+        chunk_bytes = _CUDA_CHUNK * _BYTES_PER_VALUE
         if not self._staging or self._staging[0][0].numel() < chunk_bytes + _SLACK:
             self._staging = [
                 (torch.empty(chunk_bytes + _SLACK, dtype=torch.uint8, pin_memory=True), None)
@@ -193,12 +174,12 @@ class SecureNormalStream:
             host, copied = self._staging[i % 2]
             if copied is not None:
                 copied.synchronize()  # its previous copy to the GPU has finished
-            self._keystream_into(host, m * per_value)
-            raw = host[: m * per_value].to(device, non_blocking=True)
+            self._keystream_into(host, m * _BYTES_PER_VALUE)
+            raw = host[: m * _BYTES_PER_VALUE].to(device, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
             self._staging[i % 2] = (host, event)
-            normals_from_keystream(raw, out[start : start + m])
+            normals_from_keystream(raw, out[start : start + m], std)
         return out
 
 
@@ -235,14 +216,14 @@ class NoiseSource:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Noise of the given shape, std and dtype on ``device``, drawn in ``dtype`` (half types:
-        drawn in float32, then rounded). Seeded float32 draws are the same stream as ever."""
+        """Noise of the given shape, std and dtype on ``device``. Secure: computed in float64 and
+        rounded once to ``dtype``. Seeded: drawn in ``dtype`` (half types: in float32, then
+        rounded); the float32 stream is the one seeded runs always drew."""
         if not dtype.is_floating_point:
             raise ValueError(f"noise must be floating point, got {dtype}")
         device = torch.device(device)
-        draw_dtype = dtype if dtype in _WORDS else torch.float32
         if self._stream is not None:
-            out = self._stream.standard_normal(math.prod(shape), draw_dtype, device)
-            return out.view(shape).mul_(std).to(dtype)
+            return self._stream.normal(math.prod(shape), std, dtype, device).view(shape)
+        draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         out = torch.empty(shape, dtype=draw_dtype, device=device)
         return out.normal_(0.0, std, generator=self._generator(device)).to(dtype)
