@@ -68,6 +68,7 @@ _INITIAL_COUNTER = bytes(16)
 #: Extra bytes at the end of a keystream buffer (older ``cryptography`` releases want
 #: ``len(data) + block_size - 1`` bytes in ``update_into``).
 _SLACK = 16
+_ZEROS = bytes(_KEYSTREAM_PIECE)  # the plaintext: AES-CTR of zeros is the keystream itself
 _MANTISSA_MASK = (1 << 52) - 1
 _ONE_BITS = 0x3FF0000000000000  # float64 1.0
 
@@ -109,7 +110,6 @@ class SecureNormalStream:
             raise ValueError(f"secure noise keys must be {_KEY_BYTES} bytes")
         self._encryptor = Cipher(algorithms.AES(key), modes.CTR(_INITIAL_COUNTER)).encryptor()
         del key
-        self._zeros = b""
         self._cpu_raw: torch.Tensor | None = None
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
@@ -122,16 +122,18 @@ class SecureNormalStream:
     def _keystream_into(self, buffer: torch.Tensor, nbytes: int) -> None:
         """Write the next ``nbytes`` keystream bytes into ``buffer`` (a CPU uint8 tensor with at
         least ``nbytes + _SLACK`` elements)."""
-        if not self._zeros:
-            self._zeros = bytes(_KEYSTREAM_PIECE)
-        zeros, target = memoryview(self._zeros), buffer.numpy()
+        zeros, target = memoryview(_ZEROS), buffer.numpy()
         for start in range(0, nbytes, _KEYSTREAM_PIECE):
             size = min(_KEYSTREAM_PIECE, nbytes - start)
             self._encryptor.update_into(zeros[:size], target[start:])
 
     def _raw_buffer(self, nbytes: int) -> torch.Tensor:
-        if self._cpu_raw is None or self._cpu_raw.numel() < nbytes + _SLACK:
-            self._cpu_raw = torch.empty(nbytes + _SLACK, dtype=torch.uint8)
+        """A reusable CPU keystream buffer of at least ``nbytes`` (+ slack), grown geometrically
+        up to one chunk."""
+        have = 0 if self._cpu_raw is None else self._cpu_raw.numel() - _SLACK
+        if have < nbytes:
+            size = min(max(nbytes, 2 * have), _CPU_CHUNK * _BYTES_PER_VALUE)
+            self._cpu_raw = torch.empty(size + _SLACK, dtype=torch.uint8)
         return self._cpu_raw
 
     def normal(
@@ -149,7 +151,7 @@ class SecureNormalStream:
         if device.type == "cuda":
             return self._normal_cuda(numel, std, dtype, device)
         out = torch.empty(numel, dtype=dtype)
-        raw = self._raw_buffer(_CPU_CHUNK * _BYTES_PER_VALUE)
+        raw = self._raw_buffer(min(numel, _CPU_CHUNK) * _BYTES_PER_VALUE)
         for start in range(0, numel, _CPU_CHUNK):
             m = min(_CPU_CHUNK, numel - start)
             self._keystream_into(raw, m * _BYTES_PER_VALUE)
