@@ -170,18 +170,19 @@ class SecureNormalStream:
                 (torch.empty(chunk_bytes + _SLACK, dtype=torch.uint8, pin_memory=True), None)
                 for _ in range(2)
             ]
-        stream = torch.cuda.current_stream(device)
-        for i, start in enumerate(range(0, numel, _CUDA_CHUNK)):
-            m = min(_CUDA_CHUNK, numel - start)
-            host, copied = self._staging[i % 2]
-            if copied is not None:
-                copied.synchronize()  # its previous copy to the GPU has finished
-            self._keystream_into(host, m * _BYTES_PER_VALUE)
-            raw = host[: m * _BYTES_PER_VALUE].to(device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-            self._staging[i % 2] = (host, event)
-            normals_from_keystream(raw, out[start : start + m], std)
+        with torch.cuda.device(out.device):
+            stream = torch.cuda.current_stream()
+            for i, start in enumerate(range(0, numel, _CUDA_CHUNK)):
+                m = min(_CUDA_CHUNK, numel - start)
+                host, copied = self._staging[i % 2]
+                if copied is not None:
+                    copied.synchronize()  # its previous copy to the GPU has finished
+                self._keystream_into(host, m * _BYTES_PER_VALUE)
+                raw = host[: m * _BYTES_PER_VALUE].to(out.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+                self._staging[i % 2] = (host, event)
+                normals_from_keystream(raw, out[start : start + m], std)
         return out
 
 
