@@ -89,8 +89,8 @@ class DPOptimizerTP(Optimizer):
         expected_batch_size: B̄ = q·N, the expected *global* logical batch size.
         mesh: this rank's TP/DP groups.
         loss_reduction: ``"mean"`` or ``"sum"``, as used for the loss.
-        noise_seed: base seed of the noise streams (agreed across ranks when None). Ignored in
-            secure mode, where noise comes from the OS CSPRNG.
+        noise_seed: base seed of the noise streams (agreed across ranks when None). Refused in
+            secure mode, whose noise is keyed by fresh secret keys.
         secure_mode: draw noise from an AES-256-CTR keystream under a fresh ``os.urandom`` key per
             step and rank (hf_dp_tp.noise) instead of a seeded generator.
 
@@ -125,7 +125,7 @@ class DPOptimizerTP(Optimizer):
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
         if secure_mode and noise_seed is not None:
             raise ValueError(
-                "noise_seed cannot be set in secure_mode (noise comes from os.urandom)"
+                "noise_seed cannot be set in secure_mode (its noise is keyed by fresh os.urandom keys)"
             )
         if noise_multiplier == 0:
             warnings.warn(
