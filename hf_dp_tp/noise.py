@@ -97,7 +97,7 @@ def normals_from_keystream(raw: torch.Tensor, out: torch.Tensor, std: float = 1.
 
 
 class SecureNormalStream:
-    """Standard normals from one AES-256-CTR keystream under a fresh key from ``os.urandom``.
+    """Gaussian noise from one AES-256-CTR keystream under a fresh key from ``os.urandom``.
 
     Successive calls consume successive keystream bytes, so no two draws of a stream share
     randomness, and two streams (fresh keys) are independent. Not picklable: the key must not
