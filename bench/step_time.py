@@ -5,6 +5,7 @@ Run the driver with plain Python (not under torchrun), from the repository root:
 
     python bench/step_time.py                     # CPU: tiny Llama, tp=2 on 2 gloo processes
     python bench/step_time.py --no_opacus         # skip (c)
+    python bench/step_time.py --secure_mode       # also (s): (b) in secure mode
     python bench/step_time.py --preset 1b --tp_size 2           # GPUs (NCCL), ~1.1B params, bf16
     python bench/step_time.py --preset 1b --tp_size 1 --batch 4  # one GPU
 
@@ -25,7 +26,9 @@ peak memory is that configuration's own (on CPU ``ru_maxrss`` is a lifetime high
 - (b) the same launch with ``--worker b``: DP-SGD with this package (``GradSampleControllerTP`` +
   ``DPOptimizerTP`` around the same AdamW; per-sample grads, clipping, noise, DP all-reduce);
 - (c) ``python bench/step_time.py --worker c``: opacus ``GradSampleModule`` + ``DPOptimizer`` on
-  the full (unsharded) model in one process, over the global batch (``batch * dp``).
+  the full (unsharded) model in one process, over the global batch (``batch * dp``);
+- (s) with ``--secure_mode`` only: (b) again with ``DPOptimizerTP(secure_mode=True)`` (noise from
+  an AES-256-CTR keystream under fresh ``os.urandom`` keys instead of a seeded generator).
 
 Each worker writes its result (rank 0; memory is the max over ranks, by an all-reduce) to a
 temporary JSON file that the driver reads; the driver prints ONE JSON object on stdout (progress
@@ -55,6 +58,9 @@ Output fields:
   every timed step.
 - ``ratio_dp_tp_over_non_private`` = ``dp_tp_s / non_private_tp_s``; ``ratio_dp_tp_over_opacus``
   = ``dp_tp_s / opacus_single_process_s`` (null without (c)).
+- ``dp_tp_secure_s``, ``ratio_secure_over_seeded`` (= ``dp_tp_secure_s / dp_tp_s``) and
+  ``dp_tp_secure_breakdown_s`` (the stages of (b)): (s), null without ``--secure_mode``; its
+  memory fields are ``dp_tp_secure_*_mb``.
 - ``*_peak_mb``: peak memory of that configuration in MiB (max over ranks). CPU: the process's
   ``ru_maxrss`` (lifetime high-water mark, so it includes the Python/torch/transformers baseline
   of a few hundred MiB). CUDA: ``torch.cuda.max_memory_allocated`` since the model was built.
@@ -137,7 +143,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         bf16=True,
     ),
 }
-CONFIGS = {"a": "non_private_tp", "b": "dp_tp", "c": "opacus_single_process"}
+CONFIGS = {
+    "a": "non_private_tp",
+    "b": "dp_tp",
+    "s": "dp_tp_secure",
+    "c": "opacus_single_process",
+}
 DP_STAGES = (
     "forward",
     "backward_with_per_sample_hooks",
@@ -170,6 +181,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{what}; overrides the preset")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--no_opacus", action="store_true", help="skip (c), single-process opacus")
+    p.add_argument(
+        "--secure_mode",
+        action="store_true",
+        help="also run (s): DP-TP with secure_mode=True, and report its ratio to seeded (b)",
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per worker run")
     # internal: one configuration, launched by the driver
     p.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
@@ -416,6 +432,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
             max_grad_norm=1.0,
             expected_batch_size=cfg["global_batch"],
             mesh=controller.mesh,
+            secure_mode=kind == "s",
         )
         stages = list(DP_STAGES)
         hook = getattr(controller, "_on_output_grad", None)  # private: timed as a detail only
@@ -744,14 +761,14 @@ def driver(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="step_time_") as tmp_dir:
         tmp = Path(tmp_dir)
         write_json(str(tmp / "config.json"), cfg)
-        for kind in ("a", "b"):
+        for kind in ("a", "b", "s") if args.secure_mode else ("a", "b"):
             results[kind], error = launch(kind, cfg, tmp, env, args.timeout)
             if error is not None:
                 raise SystemExit(f"({kind}) {CONFIGS[kind]} failed: {error}")
         if skipped is None:
             results["c"], error = launch("c", cfg, tmp, env, args.timeout)
             skipped = error or (results["c"] or {}).get("skipped")
-    a, b = results["a"], results["b"]
+    a, b, secure = results["a"], results["b"], results.get("s")
     c = None if skipped else results["c"]
 
     cfg["n_params"] = a["n_params"]
@@ -774,20 +791,21 @@ def driver(args: argparse.Namespace) -> None:
         "threads": threads,
         "memory_metric": memory_metric(a["device_type"]),
     }
-    for kind, res in (("a", a), ("b", b), ("c", c)):
+    runs = (("a", a), ("b", b), ("c", c), ("s", secure))
+    for kind, res in runs:
         out[f"{CONFIGS[kind]}_s"] = res["median_s"] if res else None
     out["ratio_dp_tp_over_non_private"] = b["median_s"] / a["median_s"]
     out["ratio_dp_tp_over_opacus"] = b["median_s"] / c["median_s"] if c else None
+    out["ratio_secure_over_seeded"] = secure["median_s"] / b["median_s"] if secure else None
     for field in ("peak_mb", "after_build_mb", "increase_mb"):
-        for kind, res in (("a", a), ("b", b), ("c", c)):
+        for kind, res in runs:
             out[f"{CONFIGS[kind]}_{field}"] = res[field] if res else None
     out["opacus_single_process_skipped"] = skipped
-    out["step_times_s"] = {
-        CONFIGS[k]: r["step_times_s"] for k, r in (("a", a), ("b", b), ("c", c)) if r
-    }
+    out["step_times_s"] = {CONFIGS[k]: r["step_times_s"] for k, r in runs if r}
     out["non_private_breakdown_s"] = a["breakdown_s"]
     out["dp_tp_breakdown_s"] = b["breakdown_s"]
     out["dp_tp_breakdown_extra_s"] = b["breakdown_extra_s"]
+    out["dp_tp_secure_breakdown_s"] = secure["breakdown_s"] if secure else None
     out["overhead_note"] = overhead_note(a, b)
     print(json.dumps(out))
 

@@ -95,8 +95,9 @@ class DPTrainingArguments(TrainingArguments):
     secure_mode: bool = field(
         default=False,
         metadata={
-            "help": "Draw noise from the OS CSPRNG and Poisson masks from a keyed PRF with a secret "
-            "key (slower; for runs whose guarantee must not rest on a seeded PRNG)."
+            "help": "Draw noise from AES-256-CTR keystreams under fresh os.urandom keys and Poisson "
+            "masks from a keyed PRF with a secret key (for runs whose guarantee must not rest on "
+            "a seeded PRNG; its cost is in the guide's Secure mode section)."
         },
     )
     dp_seed: int | None = field(

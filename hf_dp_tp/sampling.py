@@ -82,7 +82,8 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         steps_per_epoch: logical batches per epoch; default ``max(1, round(1 / sample_rate))``.
         seed: base seed (same on all ranks), or ``None`` to agree on a random one. Not allowed
             with ``secure_mode``.
-        secure_mode: draw masks from a keyed BLAKE2b PRF instead of a seeded torch generator.
+        secure_mode: draw masks from a keyed PRF (a BLAKE2b subkey per logical batch and its
+            AES-256-CTR keystream) instead of a seeded torch generator.
         secure_key: secure mode only: the secret key (16-64 bytes, same on all ranks), or
             ``None`` to agree on a random 32-byte key.
         group: process group over which a missing seed/key is agreed (default: world).

@@ -1,5 +1,6 @@
-"""bench/step_time.py runs end to end: one driver call, three fresh worker launches (non-private
-TP and DP-TP under torchrun on 2 CPU processes, single-process opacus), one JSON object."""
+"""The benches run end to end and print one JSON object each: bench/step_time.py (one driver
+call, four fresh worker launches: non-private TP, DP-TP seeded and secure under torchrun on 2 CPU
+processes, single-process opacus) and bench/noise_throughput.py (small sizes)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from tests.distributed_harness import ROOT, run_script
 
-CONFIGS = ("non_private_tp", "dp_tp", "opacus_single_process")
+CONFIGS = ("non_private_tp", "dp_tp", "dp_tp_secure", "opacus_single_process")
 DP_STAGES = {
     "forward",
     "backward_with_per_sample_hooks",
@@ -27,6 +28,7 @@ def test_step_time_driver_reports_every_field():
         sys.executable,
         str(ROOT / "bench" / "step_time.py"),
         *("--steps", "2", "--warmup", "1", "--hidden", "64", "--layers", "1"),
+        "--secure_mode",
     ]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the driver's default
     out = json.loads(run_script(cmd, env=env, timeout=300))  # exactly one JSON object on stdout
@@ -53,8 +55,37 @@ def test_step_time_driver_reports_every_field():
         out["dp_tp_s"] / out["opacus_single_process_s"]
     )
 
+    assert out["ratio_secure_over_seeded"] == pytest.approx(out["dp_tp_secure_s"] / out["dp_tp_s"])
+    assert set(out["dp_tp_secure_breakdown_s"]) == DP_STAGES
+    assert set(out["machine"]["other_processes_cpu_cores"]) == set(CONFIGS)
+
     assert set(out["dp_tp_breakdown_s"]) == DP_STAGES
     assert all(v > 0 for v in out["dp_tp_breakdown_s"].values()), out["dp_tp_breakdown_s"]
     assert {"forward", "backward", "optimizer_step"} <= set(out["non_private_breakdown_s"])
     assert out["dp_tp_breakdown_extra_s"]["per_sample_hooks_within_backward"] > 0
     assert isinstance(out["overhead_note"], str) and "dominated by" in out["overhead_note"]
+
+
+def test_noise_throughput_reports_every_field():
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "noise_throughput.py"),
+        *("--numel", "20000", "--legacy_numel", "2000", "--poisson_n", "50000"),
+        *("--repeats", "1", "--no_cuda"),
+    ]
+    out = json.loads(run_script(cmd, timeout=120))
+    assert out["config"]["numel"] == 20000 and out["config"]["poisson_n"] == 50000
+    rates = out["normals_per_s_per_core"]
+    for kind in ("seeded", "secure"):
+        assert set(rates[kind]) == {"float32", "float64"}
+        assert all(v > 0 for v in rates[kind].values()), rates
+    assert rates["legacy_secure"]["float32"] > 0
+    assert out["secure_over_seeded"]["float32"] == pytest.approx(
+        rates["secure"]["float32"] / rates["seeded"]["float32"]
+    )
+    assert set(out["poisson_mask_s"]) == {"secure", "seeded", "legacy_secure"}
+    assert all(v > 0 for v in out["poisson_mask_s"].values())
+    machine = out["machine"]
+    assert machine["torch_num_threads"] == 1 and machine["cryptography_version"]
+    assert "other_processes_cpu_cores" in machine and machine["cpu_cores"] >= 1
+    assert out["normals_per_s_cuda"] is None
