@@ -264,3 +264,15 @@ def test_datasets_poisson_sampling_cannot_draw_from_are_refused_at_construction(
 def test_settings_that_reveal_data_or_conflict_are_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         _args(str(tmp_path), tp_size=1, grad_sample_mode="hooks", **overrides)
+
+
+def test_self_check_accepts_bf16_rounding_of_autograd_gradients():
+    """bf16 parameters: autograd's gradient is rounded to bf16 while per-sample gradients of the
+    norms are kept in fp32; the self-check must not mistake that rounding for a wrong rule."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.LayerNorm(256), nn.Linear(256, 8))
+    model.to(torch.bfloat16)
+    _controller(model)
+    x = torch.randn(32, 16, 64, dtype=torch.bfloat16)
+    model(x).float().pow(2).sum().backward()
+    assert all(p.grad_sample is not None for p in model.parameters())
