@@ -1,0 +1,278 @@
+"""Canaries for the one-run audit: which ones are in, how they enter the training data, and the
+directions of gradient canaries.
+
+The training set of an audit run is ``N`` ordinary records followed by ``m`` canary records:
+index ``N + j`` is canary ``j``. All ``N + m`` indices are drawn by the run's own Poisson sampler
+(the same mask on every rank, each DP rank its share), so a canary is in a step's batch exactly
+when a record would be. Canary ``j`` is *included* with probability 1/2, independently
+(:func:`draw_inclusion`); an excluded canary's index may still be drawn but contributes nothing,
+which under Poisson sampling is the same as not being in the data at all (records are sampled
+independently, and a record acts only through its gradient).
+
+Two kinds:
+
+- **gradient** (white box): an included canary drawn into a micro-batch adds one extra per-sample
+  gradient, a fixed random direction ``û_j`` scaled to norm ``G`` (≥ C), to that micro-batch's
+  per-sample gradients *before* clipping. The package's own norm, clip and sum turn it into
+  ``C·û_j`` in the clipped sum (a bug in those stages shows up in the scores); then noise, the DP
+  reduction and scaling run as usual. Score: the inner product of the sum of the privatised
+  gradients of all steps with ``û_j``, in units of one clipped canary (an included canary scores
+  about ``q·T`` plus noise of std ``σ·√T``; an excluded one 0 plus the same noise).
+- **input** (black box): random token sequences added as ordinary records when included. Score:
+  the drop of the canary's loss from the initial to the trained model.
+
+Directions are balanced over the TP group: on a parameter sharded over ``t`` ranks, the canary
+puts the same random block on every shard, multiplied by a rank coefficient ``c_r`` with
+``Σ_r c_r = 0`` and ``Σ_r c_r² = t``. For correct noise (independent per shard) this changes
+nothing; noise drawn *equal* on the shards (an ε = ∞ bug, contract rule 6 in docs/usage.md)
+cancels from every score, and the audit sees the canaries without noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from ..parallel import MeshInfo, ParamLayout, shard_extent
+from ..randomness import derive_seed, seeded_uniform
+
+#: Key of the canary ids in a collated batch (removed before the model sees the batch).
+CANARY_KEY = "__audit_canary__"
+CANARY_KINDS = ("gradient", "input")
+#: Directions are cached when ``m × (elements per direction)`` is at most this many floats.
+_CACHE_ELEMENTS = 1 << 25
+
+
+def draw_inclusion(num_canaries: int, seed: int) -> torch.Tensor:
+    """``[m]`` bool: canary ``j`` is included with probability 1/2, independently."""
+    return seeded_uniform(num_canaries, derive_seed(seed, "audit", "inclusion")) < 0.5
+
+
+def tp_coefficients(tp_size: int) -> list[float]:
+    """``c_r = √2 cos(2πr/t + π/4)``: ``Σ c_r = 0`` and ``Σ c_r² = t`` for ``t ≥ 2``, no
+    ``c_r = 0`` (every shard carries canary mass), and ``c = [1]`` for ``t = 1``."""
+    if tp_size == 1:
+        return [1.0]
+    return [
+        math.sqrt(2.0) * math.cos(2.0 * math.pi * r / tp_size + math.pi / 4.0)
+        for r in range(tp_size)
+    ]
+
+
+# --------------------------------------------------------------------------- data
+class CanaryDataset(Dataset):
+    """``records`` followed by ``num_canaries`` canary placeholders (``{CANARY_KEY: j}``); the
+    collator (:class:`CanaryCollator`) turns them into what the canary kind needs."""
+
+    def __init__(self, records: Any, num_canaries: int) -> None:
+        if len(records) == 0:
+            raise ValueError("an audit needs at least one ordinary training record")
+        if num_canaries < 1:
+            raise ValueError(f"num_canaries must be >= 1, got {num_canaries}")
+        self.records = records
+        self.num_canaries = int(num_canaries)
+
+    def with_records(self, records: Any) -> CanaryDataset:
+        return CanaryDataset(records, self.num_canaries)
+
+    def __len__(self) -> int:
+        return len(self.records) + self.num_canaries
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self.records)
+        if index < n:
+            return self.records[index]
+        if index >= n + self.num_canaries:
+            raise IndexError(index)
+        return {CANARY_KEY: index - n}
+
+
+class CanaryCollator:
+    """Collates a micro-batch of a :class:`CanaryDataset`.
+
+    Ordinary records go to ``collate``; excluded canaries are dropped; included ones become, for
+    gradient canaries, ids in ``batch[CANARY_KEY]`` (their gradients are added by the optimizer),
+    and for input canaries ordinary records (``canary_records[j]``) collated with the data, also
+    listed in ``batch[CANARY_KEY]``. Picklable (DataLoader workers).
+    """
+
+    def __init__(
+        self,
+        collate: Callable[[list[Any]], Any],
+        included: torch.Tensor,
+        canary_records: Sequence[Mapping[str, Any]] | None = None,
+        empty_example: Any = None,
+    ) -> None:
+        self.collate = collate
+        self.included = included.bool().cpu()
+        self.canary_records = canary_records
+        self.empty_example = empty_example
+
+    def __call__(self, features: list[Any]) -> dict[str, Any]:
+        ordinary, ids = [], []
+        for feature in features:
+            if isinstance(feature, Mapping) and CANARY_KEY in feature:
+                j = int(feature[CANARY_KEY])
+                if self.included[j]:
+                    ids.append(j)
+                    if self.canary_records is not None:
+                        ordinary.append(self.canary_records[j])
+            else:
+                ordinary.append(feature)
+        if ordinary:
+            batch = dict(self.collate(ordinary))
+        else:  # only canaries (or nothing): a well-formed empty batch
+            from ..sampling import _empty_like
+
+            batch = dict(_empty_like(self.collate([self.empty_example])))
+        batch[CANARY_KEY] = torch.tensor(ids, dtype=torch.long)
+        return batch
+
+
+# --------------------------------------------------------------------------- gradient canaries
+class GradientCanaries:
+    """The ``m`` fixed random unit directions ``û_j`` over the trainable parameters, laid out as
+    this rank's local shards, and the scores of an update against them.
+
+    Every rank draws, for canary ``j``, the same standard normal "base" vector from a generator
+    seeded with ``(seed, j)``: one block per parameter (the full parameter if it is replicated;
+    for a sharded one, a block the size of the smallest shard, placed at the start of every
+    shard and multiplied by the rank's coefficient of :func:`tp_coefficients`). The squared norm
+    of the whole direction is known on every rank without communication, so ``û_j`` is exact.
+
+    Args:
+        params: trainable parameters in the DP optimizer's order (identical on every rank).
+        layouts: their :class:`~hf_dp_tp.parallel.ParamLayout`.
+        mesh: this rank's TP/DP groups.
+        num_canaries: m.
+        seed: the audit seed (identical on every rank).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        layouts: Sequence[ParamLayout],
+        mesh: MeshInfo,
+        num_canaries: int,
+        seed: int,
+    ) -> None:
+        self.mesh = mesh
+        self.num_canaries = int(num_canaries)
+        self.seed = int(seed)
+        t, r = mesh.tp_size, mesh.tp_rank
+        coefficient = tp_coefficients(t)[r]
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        self.local_shapes = [tuple(x.shape) for x in local]
+        self.device = local[0].device if local else torch.device("cpu")
+        self.offsets: list[int] = []
+        index_parts, coef_parts, weight_parts, count_parts = [], [], [], []
+        offset = 0
+        for shape, layout in zip(self.local_shapes, layouts, strict=True):
+            self.offsets.append(offset)
+            numel = math.prod(shape)
+            positions = torch.arange(offset, offset + numel).view(shape) if numel else None
+            offset += numel
+            if positions is None:
+                continue
+            if layout.sharded:
+                dim = layout.shard_dim
+                size = layout.global_shape[dim]
+                block = min(shard_extent(size, k, t)[1] for k in range(t))
+                if block == 0:
+                    continue
+                chosen = positions.narrow(dim, 0, block).reshape(-1)
+                coef, weight = coefficient, float(t)
+                counted = 1.0  # each TP rank scores its own shard
+            else:
+                chosen = positions.reshape(-1)
+                coef, weight = 1.0, 1.0
+                counted = 1.0 if r == 0 else 0.0  # replicated: scored once (TP rank 0)
+            index_parts.append(chosen)
+            n = chosen.numel()
+            coef_parts.append(torch.full((n,), coef, dtype=torch.float64))
+            weight_parts.append(torch.full((n,), weight, dtype=torch.float64))
+            count_parts.append(torch.full((n,), counted, dtype=torch.float64))
+        self.local_numel = offset
+        if not index_parts:
+            raise ValueError("gradient canaries need at least one trainable parameter element")
+        self.index = torch.cat(index_parts).to(self.device)
+        self.coef = torch.cat(coef_parts).to(self.device)
+        self.weight = torch.cat(weight_parts).to(self.device)
+        self.counted = torch.cat(count_parts).to(self.device)
+        self.base_numel = self.index.numel()
+        self._cache: torch.Tensor | None = None
+        if self.num_canaries * self.base_numel <= _CACHE_ELEMENTS:
+            self._cache = self._draw(torch.arange(self.num_canaries))
+
+    # ------------------------------------------------------------------ directions
+    def _draw(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[k, base]`` float64: canary base vectors scaled so that the full direction has norm 1."""
+        out = torch.empty(len(ids), self.base_numel, dtype=torch.float64)
+        generator = torch.Generator(device="cpu")
+        for row, j in enumerate(ids.tolist()):
+            generator.manual_seed(derive_seed(self.seed, "audit", "direction", int(j)))
+            out[row] = torch.randn(self.base_numel, generator=generator, dtype=torch.float64)
+        out = out.to(self.device)
+        norms = (out.square() * self.weight).sum(1).sqrt()
+        return out / norms.unsqueeze(1)
+
+    def _base(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._cache is not None:
+            return self._cache[ids.to(self._cache.device)]
+        return self._draw(ids)
+
+    def local_directions(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[k, local numel]``: this rank's part of ``û_j`` for each id, flattened in parameter
+        order."""
+        out = torch.zeros(len(ids), self.local_numel, dtype=torch.float64, device=self.device)
+        out[:, self.index] = self._base(ids) * self.coef
+        return out.to(dtype)
+
+    def per_sample_rows(
+        self, ids: torch.Tensor, norm: float, dtypes: Sequence[torch.dtype]
+    ) -> list[torch.Tensor]:
+        """Per-sample gradients ``norm · û_j`` of the canaries ``ids``, one ``[k, *local_shape]``
+        tensor per parameter (in ``dtypes[i]``)."""
+        flat = self.local_directions(ids, torch.float64).mul_(norm)
+        rows = []
+        for shape, offset, dtype in zip(self.local_shapes, self.offsets, dtypes, strict=True):
+            numel = math.prod(shape)
+            part = flat[:, offset : offset + numel].reshape(len(ids), *shape)
+            rows.append(part.to(dtype).contiguous())
+        return rows
+
+    # ------------------------------------------------------------------ scores
+    def scores(self, local_update: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """``[m]`` float64 ``⟨update, û_j⟩`` for a flat local update (this rank's shards, in
+        parameter order): each rank's part, summed over the TP group (a collective on it);
+        identical on every rank of the group."""
+        if local_update.numel() != self.local_numel:
+            raise ValueError(
+                f"the update has {local_update.numel()} local elements, expected {self.local_numel}"
+            )
+        update = local_update.to(self.device, torch.float64)[self.index]
+        weights = update * self.coef * self.counted
+        out = torch.empty(self.num_canaries, dtype=torch.float64, device=self.device)
+        for start in range(0, self.num_canaries, chunk):
+            ids = torch.arange(start, min(start + chunk, self.num_canaries))
+            out[ids.to(self.device)] = self._base(ids) @ weights
+        if self.mesh.tp_size > 1 and self.mesh.tp_group is not None:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.mesh.tp_group)
+        return out.cpu()
+
+
+# --------------------------------------------------------------------------- input canaries
+def random_token_canaries(
+    num_canaries: int, seq_len: int, vocab_size: int, seed: int, low: int = 0
+) -> list[dict[str, list[int]]]:
+    """``m`` records of ``seq_len`` uniformly random token ids in ``[low, vocab_size)`` (causal-LM
+    records: ``labels`` = ``input_ids``), identical on every rank for one seed."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(derive_seed(seed, "audit", "input-canaries"))
+    ids = torch.randint(low, vocab_size, (num_canaries, seq_len), generator=generator)
+    return [{"input_ids": row, "labels": row} for row in ids.tolist()]

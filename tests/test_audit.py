@@ -1,0 +1,289 @@
+"""The one-run privacy audit (``hf_dp_tp.audit``).
+
+1. **Statistics.** The ε lower bound against closed forms, monotone in the number of correct
+   guesses, below the bound without δ, and — the property that makes it a lower bound — above the
+   true ε of an ε-DP randomized response with probability at most 1 − confidence (exactly, and
+   in a seeded simulation through the same guess rule the audit uses).
+2. **The audit catches real bugs.** One spawned dp=2 × tp=2 world (gloo) audits a tiny Llama with
+   gradient canaries (σ = 4, C = 1, q = 1, 4 steps, δ = 1e-5: claimed ε ≈ 2.0; m = 1000) five
+   times: the correct configuration gives a bound ≤ the claimed ε, and mutations injected
+   through the package's own seams (the noise source, the norms the optimizer clips with, its
+   noise stage) give a bound *above* it — noise divided by the world size, the same noise on both
+   TP shards, no clipping on TP rank 1. Noise added on every DP replica only adds noise, so no
+   lower bound can exceed the claim; the report's noise check flags it instead.
+3. **The command.** ``torchrun -m hf_dp_tp.audit`` with tp=2 and input canaries writes the report,
+   the scores and the plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom
+
+from hf_dp_tp.audit.statistics import (
+    best_bound_over_guess_counts,
+    correct_guesses,
+    default_guess_counts,
+    epsilon_lower_bound,
+    guesses_from_scores,
+    p_value,
+)
+from tests import models
+from tests.distributed_harness import run_distributed, run_script, torchrun_command
+
+
+# --------------------------------------------------------------------------- 1. statistics
+def test_all_correct_without_delta_matches_the_closed_form():
+    # δ = 0, v = r: p-value p_ε^r ≤ β  ⇔  ε ≤ log(b / (1 − b)) with b = β^(1/r)
+    for r in (10, 100, 400):
+        b = 0.05 ** (1 / r)
+        exact = math.log(b / (1 - b))
+        bound = epsilon_lower_bound(1000, r, r, delta=0.0, confidence=0.95)
+        assert exact - 1e-3 <= bound <= exact
+
+
+def test_p_value_is_the_theorem():
+    m, r, v, eps, delta = 1000, 200, 140, 0.7, 1e-5
+    p = 1 / (1 + math.exp(-eps))
+    f = lambda u: binom.sf(u - 1, r, p)  # noqa: E731  P[Bin(r, p) ≥ u]
+    alpha = max((f(v - i) - f(v)) / i for i in range(1, m + 1))
+    assert p_value(m, r, v, eps, delta) == pytest.approx(f(v) + 2 * m * delta * alpha, rel=1e-9)
+    assert p_value(m, r, 0, eps, delta) == 1.0
+
+
+def test_bound_is_monotone_in_correct_guesses_and_delta():
+    m, r = 1000, 200
+    bounds = [epsilon_lower_bound(m, r, v, delta=1e-5) for v in range(90, r + 1, 5)]
+    assert bounds == sorted(bounds)
+    assert bounds[0] == 0.0 and bounds[-1] > 3
+    for v in (130, 170, 200):
+        assert epsilon_lower_bound(m, r, v, delta=1e-3) <= epsilon_lower_bound(
+            m, r, v, delta=0.0
+        )
+
+
+@pytest.mark.parametrize("epsilon", [0.25, 1.0, 3.0])
+def test_bound_exceeds_the_true_epsilon_of_randomized_response_rarely(epsilon):
+    """ε-DP randomized response, the mechanism that makes each guess right with the largest
+    probability ε-DP allows: the bound exceeds ε with probability ≤ 5 % (exactly), and a seeded
+    simulation through guesses_from_scores agrees."""
+    m, r = 400, 200
+    p = 1 / (1 + math.exp(-epsilon))
+    bounds = np.array([epsilon_lower_bound(m, r, v, delta=0.0) for v in range(r + 1)])
+    exceed = bounds > epsilon
+    assert binom.pmf(np.arange(r + 1), r, p)[exceed].sum() <= 0.05
+
+    rng = np.random.default_rng(7)
+    trials, above = 2000, 0
+    for _ in range(trials):
+        included = rng.random(m) < 0.5
+        truth = np.where(included, 1.0, -1.0)
+        released = np.where(rng.random(m) < p, truth, -truth)  # RR of each canary's bit
+        guesses = guesses_from_scores(released, r // 2, r - r // 2)
+        above += bool(bounds[correct_guesses(guesses, included)] > epsilon)
+    assert above / trials <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / trials)
+
+
+def test_guesses_and_bonferroni():
+    scores = np.array([0.3, -2.0, 5.0, 1.0, -1.0, 0.0])
+    guesses = guesses_from_scores(scores, 2, 1)
+    assert guesses.tolist() == [0, -1, 1, 1, 0, 0]
+    assert correct_guesses(guesses, [0, 0, 1, 0, 1, 1]) == 2
+    assert default_guess_counts(1000) == [50, 100, 200, 400]
+    # a perfect separation of 1000 canaries: the best of 4 counts, each at β / 4
+    included = np.arange(1000) % 2 == 0
+    result = best_bound_over_guess_counts(included.astype(float), included, delta=1e-5)
+    assert (result.guesses, result.correct, result.candidates) == (400, 400, 4)
+    alone = epsilon_lower_bound(1000, 400, 400, delta=1e-5, confidence=1 - 0.05 / 4)
+    assert result.epsilon_lower_bound == alone
+    assert alone < epsilon_lower_bound(1000, 400, 400, delta=1e-5, confidence=0.95)
+
+
+# --------------------------------------------------------------------------- 2. mutations
+AUDIT = dict(
+    tp_size=2,
+    noise_multiplier=4.0,
+    clip=1.0,
+    sample_rate=1.0,
+    steps=4,
+    delta=1e-5,
+    records=8,
+    seq_len=8,
+    canaries=1000,
+    canary_kind="gradient",
+    audit_seed=11,
+    dp_seed=12,
+    write_files=False,
+)
+
+
+@contextlib.contextmanager
+def _mutation(name: str):
+    """Inject one bug through the package's own seams (inside a spawned rank)."""
+    import torch.distributed as dist
+
+    import hf_dp_tp.optimizer as optimizer_module
+    from hf_dp_tp.noise import NoiseSource
+
+    with pytest.MonkeyPatch.context() as patch:
+        if name == "noise_divided_by_world":
+
+            class WorldScaledNoise(NoiseSource):
+                def normal(self, shape, std, device):
+                    return super().normal(shape, std / dist.get_world_size(), device)
+
+            patch.setattr(optimizer_module, "NoiseSource", WorldScaledNoise)
+        elif name == "same_noise_on_tp_shards":
+
+            class SharedNoise(NoiseSource):
+                def __init__(self, *, seed, tp_rank, step, secure):
+                    super().__init__(seed=seed, tp_rank=0, step=step, secure=secure)
+
+            patch.setattr(optimizer_module, "NoiseSource", SharedNoise)
+        elif name == "tp_rank1_unclipped":
+            norms = optimizer_module.per_sample_norms
+
+            def unclipped_on_rank1(samples, mesh):
+                out = norms(samples, mesh)  # still the collective over the TP group
+                return torch.zeros_like(out) if mesh.tp_rank == 1 else out
+
+            patch.setattr(optimizer_module, "per_sample_norms", unclipped_on_rank1)
+        elif name == "noise_on_every_dp_replica":
+            add_noise = optimizer_module.DPOptimizerTP.add_noise_and_reduce
+
+            def every_replica(self):
+                mesh = self.mesh
+                self.mesh = dataclasses.replace(mesh, dp_rank=0)  # every replica acts as rank 0
+                try:
+                    add_noise(self)
+                finally:
+                    self.mesh = mesh
+
+            patch.setattr(optimizer_module.DPOptimizerTP, "add_noise_and_reduce", every_replica)
+        else:
+            assert name == "correct"
+        yield
+
+
+MUTATIONS = [
+    "correct",
+    "noise_divided_by_world",
+    "same_noise_on_tp_shards",
+    "tp_rank1_unclipped",
+    "noise_on_every_dp_replica",
+]
+
+
+def _audit_worker(rank: int, world: int, model_dir: str, out: str) -> dict:
+    import time
+
+    from hf_dp_tp.audit.run import AuditConfig, run_audit
+
+    results = {}
+    for name in MUTATIONS:
+        start = time.perf_counter()
+        config = AuditConfig(model=model_dir, output_dir=f"{out}/{name}", **AUDIT)
+        with _mutation(name):
+            report = run_audit(config)
+        report["seconds"] = time.perf_counter() - start
+        results[name] = report
+    return results
+
+
+@pytest.fixture(scope="module")
+def audits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    model_dir = models.save_tiny_llama(str(root / "model"))
+    results = run_distributed(_audit_worker, 4, model_dir, str(root / "runs"))
+    for name in MUTATIONS:  # every rank reports the same numbers
+        keys = ("epsilon_lower_bound", "correct", "guesses", "claimed_epsilon")
+        assert len({tuple(r[name][k] for k in keys) for r in results}) == 1, name
+    table = {name: results[0][name] for name in MUTATIONS}
+    for name, report in table.items():
+        print(
+            f"{name}: claimed ε {report['claimed_epsilon']:.2f}, lower bound "
+            f"{report['epsilon_lower_bound']:.2f} ({report['correct']}/{report['guesses']}), "
+            f"noise ratio {report['diagnostics']['noise_std_ratio']:.2f}, "
+            f"{report['seconds']:.1f} s"
+        )
+    return table
+
+
+def test_correct_configuration_stays_below_the_claim(audits):
+    report = audits["correct"]
+    assert report["run"]["dp_size"] == 2 and report["run"]["tp_size"] == 2
+    assert report["claimed_epsilon"] == pytest.approx(2.0, abs=0.05)
+    assert 0 < report["epsilon_lower_bound"] <= report["claimed_epsilon"]
+    assert not report["violation"]
+    diagnostics = report["diagnostics"]
+    assert diagnostics["noise_check"] == "ok"
+    # included canaries score q·T = 4 on average (clipped to C once per step), excluded ones 0
+    assert diagnostics["mean_score_in"] == pytest.approx(4.0, abs=1.5)
+    assert diagnostics["mean_score_out"] == pytest.approx(0.0, abs=1.5)
+
+
+@pytest.mark.parametrize(
+    "mutation", ["noise_divided_by_world", "same_noise_on_tp_shards", "tp_rank1_unclipped"]
+)
+def test_mutation_is_caught(audits, mutation):
+    report = audits[mutation]
+    assert report["epsilon_lower_bound"] > report["claimed_epsilon"], report
+    assert report["violation"]
+
+
+def test_noise_on_every_replica_is_flagged_by_the_noise_check(audits):
+    # d = 2 identical draws add 2σC of noise: the bound cannot rise, the measured noise does
+    report = audits["noise_on_every_dp_replica"]
+    assert report["epsilon_lower_bound"] <= report["claimed_epsilon"]
+    assert report["diagnostics"]["noise_std_ratio"] == pytest.approx(2.0, abs=0.25)
+    assert report["diagnostics"]["noise_check"].startswith("HIGH")
+    assert audits["noise_divided_by_world"]["diagnostics"]["noise_check"].startswith("LOW")
+
+
+# --------------------------------------------------------------------------- 3. the command
+def test_command_writes_report_scores_and_plot(tmp_path):
+    model_dir = models.save_tiny_llama(str(tmp_path / "model"))
+    out = tmp_path / "audit"
+    cmd = torchrun_command(
+        "-m",
+        "hf_dp_tp.audit",
+        "--model",
+        model_dir,
+        "--tp-size",
+        "2",
+        "--target-epsilon",
+        "8",
+        "--sample-rate",
+        "0.5",
+        "--steps",
+        "3",
+        "--records",
+        "16",
+        "--seq-len",
+        "8",
+        "--canaries",
+        "64",
+        "--canary-kind",
+        "input",
+        "--output-dir",
+        str(out),
+        nproc=2,
+    )
+    stdout = run_script(cmd)
+    assert "ε lower bound at 95% =" in stdout
+    report = json.loads((out / "audit_report.json").read_text())
+    assert report["canary_kind"] == "input" and report["canaries"] == 64
+    assert report["run"]["tp_size"] == 2 and report["run"]["steps"] == 3
+    assert report["claimed_epsilon"] <= 8.0 + 1e-6
+    assert 0 <= report["correct"] <= report["guesses"]
+    assert report["configuration"]["seeds_fixed"] is False
+    lines = (out / "canary_scores.csv").read_text().splitlines()
+    assert lines[0] == "canary,included,score,guess" and len(lines) == 65
+    assert (out / "canary_scores.png").exists() or (out / "canary_scores.txt").exists()
