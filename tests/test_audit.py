@@ -64,9 +64,7 @@ def test_bound_is_monotone_in_correct_guesses_and_delta():
     assert bounds == sorted(bounds)
     assert bounds[0] == 0.0 and bounds[-1] > 3
     for v in (130, 170, 200):
-        assert epsilon_lower_bound(m, r, v, delta=1e-3) <= epsilon_lower_bound(
-            m, r, v, delta=0.0
-        )
+        assert epsilon_lower_bound(m, r, v, delta=1e-3) <= epsilon_lower_bound(m, r, v, delta=0.0)
 
 
 @pytest.mark.parametrize("epsilon", [0.25, 1.0, 3.0])
@@ -106,6 +104,49 @@ def test_guesses_and_bonferroni():
     assert alone < epsilon_lower_bound(1000, 400, 400, delta=1e-5, confidence=0.95)
 
 
+# --------------------------------------------------------------------------- canary directions
+def _tp_canaries(support: int):
+    """Gradient canaries of a [6, 4] weight sharded on dim 0 and a replicated [4] bias over a
+    TP group of 2, built for each TP rank in this process (no collectives)."""
+    from hf_dp_tp.audit.canaries import GradientCanaries
+    from hf_dp_tp.parallel import MeshInfo, ParamLayout
+
+    per_rank = []
+    for rank in range(2):
+        layouts = [ParamLayout((6, 4), (3, 4), 0, 3 * rank, 3), ParamLayout((4,), (4,))]
+        params = [torch.zeros(3, 4), torch.zeros(4)]
+        mesh = MeshInfo(tp_rank=rank, tp_size=2)
+        per_rank.append(GradientCanaries(params, layouts, mesh, 5, seed=3, support=support))
+    return per_rank
+
+
+@pytest.mark.parametrize("support", [1000, 6])
+def test_gradient_canary_directions_are_unit_and_balanced_over_tp_shards(support):
+    ranks = _tp_canaries(support)
+    ids = torch.arange(5)
+    local = [c.local_directions(ids, torch.float64) for c in ranks]  # [5, 12 + 4] per rank
+    full_weight = torch.cat([local[0][:, :12], local[1][:, :12]], dim=1)
+    bias = local[0][:, 12:]
+    assert torch.equal(bias, local[1][:, 12:])  # replicated: the same on both ranks
+    norms = (full_weight.square().sum(1) + bias.square().sum(1)).sqrt()
+    torch.testing.assert_close(norms, torch.ones(5, dtype=torch.float64))
+    # the two shards carry opposite blocks: noise drawn equal on both cancels from the scores
+    torch.testing.assert_close(local[0][:, :12], -local[1][:, :12])
+    same_noise = torch.randn(16, dtype=torch.float64)
+    same_noise[12:] = 0
+    total = ranks[0].scores(same_noise) + ranks[1].scores(same_noise)
+    torch.testing.assert_close(total, torch.zeros(5, dtype=torch.float64))
+    # an update along canary 2 scores 1 against it (each rank scores its shard, the bias once)
+    update = [local[r][2].clone() for r in range(2)]
+    scores = ranks[0].scores(update[0]) + ranks[1].scores(update[1])
+    assert scores[2].item() == pytest.approx(1.0)
+    rows = ranks[0].per_sample_rows(ids[:2], 10.0, [torch.float32, torch.float32])
+    assert [tuple(r.shape) for r in rows] == [(2, 3, 4), (2, 4)]
+    torch.testing.assert_close(rows[1].double(), 10 * bias[:2], rtol=1e-6, atol=1e-6)
+    # sparse directions: at most `support` of the 16 base elements per canary
+    assert int((local[0] != 0).sum(1).max()) <= min(support, 16)
+
+
 # --------------------------------------------------------------------------- 2. mutations
 AUDIT = dict(
     tp_size=2,
@@ -140,6 +181,13 @@ def _mutation(name: str):
                     return super().normal(shape, std / dist.get_world_size(), device)
 
             patch.setattr(optimizer_module, "NoiseSource", WorldScaledNoise)
+        elif name == "noise_halved":  # docs/audit.md: a bug too small for this audit to see
+
+            class HalvedNoise(NoiseSource):
+                def normal(self, shape, std, device):
+                    return super().normal(shape, std / 2, device)
+
+            patch.setattr(optimizer_module, "NoiseSource", HalvedNoise)
         elif name == "same_noise_on_tp_shards":
 
             class SharedNoise(NoiseSource):
@@ -181,13 +229,13 @@ MUTATIONS = [
 ]
 
 
-def _audit_worker(rank: int, world: int, model_dir: str, out: str) -> dict:
+def _audit_worker(rank: int, world: int, model_dir: str, out: str, names: list[str]) -> dict:
     import time
 
     from hf_dp_tp.audit.run import AuditConfig, run_audit
 
     results = {}
-    for name in MUTATIONS:
+    for name in names:
         start = time.perf_counter()
         config = AuditConfig(model=model_dir, output_dir=f"{out}/{name}", **AUDIT)
         with _mutation(name):
@@ -201,7 +249,7 @@ def _audit_worker(rank: int, world: int, model_dir: str, out: str) -> dict:
 def audits(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     model_dir = models.save_tiny_llama(str(root / "model"))
-    results = run_distributed(_audit_worker, 4, model_dir, str(root / "runs"))
+    results = run_distributed(_audit_worker, 4, model_dir, str(root / "runs"), MUTATIONS)
     for name in MUTATIONS:  # every rank reports the same numbers
         keys = ("epsilon_lower_bound", "correct", "guesses", "claimed_epsilon")
         assert len({tuple(r[name][k] for k in keys) for r in results}) == 1, name
@@ -287,3 +335,20 @@ def test_command_writes_report_scores_and_plot(tmp_path):
     lines = (out / "canary_scores.csv").read_text().splitlines()
     assert lines[0] == "canary,included,score,guess" and len(lines) == 65
     assert (out / "canary_scores.png").exists() or (out / "canary_scores.txt").exists()
+
+
+if __name__ == "__main__":  # the table of docs/audit.md: python -m tests.test_audit
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        model_dir = models.save_tiny_llama(f"{root}/model")
+        names = [*MUTATIONS, "noise_halved"]
+        table = run_distributed(_audit_worker, 4, model_dir, f"{root}/runs", names)[0]
+    print("| configuration | claimed ε | lower bound (95 %) | correct / guesses | noise ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, report in table.items():
+        print(
+            f"| {name} | {report['claimed_epsilon']:.2f} | {report['epsilon_lower_bound']:.2f} | "
+            f"{report['correct']}/{report['guesses']} | "
+            f"{report['diagnostics']['noise_std_ratio']:.2f} |"
+        )

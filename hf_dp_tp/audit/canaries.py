@@ -44,8 +44,8 @@ from ..randomness import derive_seed, seeded_uniform
 #: Key of the canary ids in a collated batch (removed before the model sees the batch).
 CANARY_KEY = "__audit_canary__"
 CANARY_KINDS = ("gradient", "input")
-#: Directions are cached when ``m × (elements per direction)`` is at most this many floats.
-_CACHE_ELEMENTS = 1 << 25
+#: Base elements a gradient canary is spread over (at most): dense on small models.
+DEFAULT_SUPPORT = 1 << 16
 
 
 def draw_inclusion(num_canaries: int, seed: int) -> torch.Tensor:
@@ -139,11 +139,15 @@ class GradientCanaries:
     """The ``m`` fixed random unit directions ``û_j`` over the trainable parameters, laid out as
     this rank's local shards, and the scores of an update against them.
 
-    Every rank draws, for canary ``j``, the same standard normal "base" vector from a generator
-    seeded with ``(seed, j)``: one block per parameter (the full parameter if it is replicated;
-    for a sharded one, a block the size of the smallest shard, placed at the start of every
-    shard and multiplied by the rank's coefficient of :func:`tp_coefficients`). The squared norm
-    of the whole direction is known on every rank without communication, so ``û_j`` is exact.
+    The directions live on a "base" vector of the trainable parameters: every element of a
+    replicated parameter, and for a parameter sharded over ``t`` TP ranks a block the size of the
+    smallest shard, placed at the start of every shard and multiplied there by the rank's
+    coefficient (:func:`tp_coefficients`). Canary ``j`` is a standard normal vector on
+    ``support`` base elements (all of them when the base is no longer; otherwise a random subset,
+    so that large models cost ``support`` numbers per canary), drawn by every rank from a
+    generator seeded with ``(seed, j)``: the same on every rank without communication, and its
+    norm over the whole model is known locally, so ``û_j`` has norm 1 exactly. Random sparse
+    directions are as nearly orthogonal as dense ones (inner products of order ``1/√base``).
 
     Args:
         params: trainable parameters in the DP optimizer's order (identical on every rank).
@@ -151,6 +155,7 @@ class GradientCanaries:
         mesh: this rank's TP/DP groups.
         num_canaries: m.
         seed: the audit seed (identical on every rank).
+        support: base elements per canary (at most).
     """
 
     def __init__(
@@ -160,6 +165,7 @@ class GradientCanaries:
         mesh: MeshInfo,
         num_canaries: int,
         seed: int,
+        support: int = DEFAULT_SUPPORT,
     ) -> None:
         self.mesh = mesh
         self.num_canaries = int(num_canaries)
@@ -200,45 +206,45 @@ class GradientCanaries:
         self.local_numel = offset
         if not index_parts:
             raise ValueError("gradient canaries need at least one trainable parameter element")
-        self.index = torch.cat(index_parts).to(self.device)
-        self.coef = torch.cat(coef_parts).to(self.device)
-        self.weight = torch.cat(weight_parts).to(self.device)
-        self.counted = torch.cat(count_parts).to(self.device)
+        self.index = torch.cat(index_parts)  # base element -> position in the local flat vector
+        self.coef = torch.cat(coef_parts)
+        self.weight = torch.cat(weight_parts)
+        self.counted = torch.cat(count_parts)
         self.base_numel = self.index.numel()
-        self._cache: torch.Tensor | None = None
-        if self.num_canaries * self.base_numel <= _CACHE_ELEMENTS:
-            self._cache = self._draw(torch.arange(self.num_canaries))
+        if support < 1:
+            raise ValueError(f"support must be >= 1, got {support}")
+        self.support = min(int(support), self.base_numel)
 
     # ------------------------------------------------------------------ directions
-    def _draw(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[k, base]`` float64: canary base vectors scaled so that the full direction has norm 1."""
-        out = torch.empty(len(ids), self.base_numel, dtype=torch.float64)
+    def direction(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Canary ``j`` on the base: ``(base positions, values)`` (CPU), scaled so that the full
+        direction over the whole model has norm 1."""
         generator = torch.Generator(device="cpu")
-        for row, j in enumerate(ids.tolist()):
-            generator.manual_seed(derive_seed(self.seed, "audit", "direction", int(j)))
-            out[row] = torch.randn(self.base_numel, generator=generator, dtype=torch.float64)
-        out = out.to(self.device)
-        norms = (out.square() * self.weight).sum(1).sqrt()
-        return out / norms.unsqueeze(1)
-
-    def _base(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._cache is not None:
-            return self._cache[ids.to(self._cache.device)]
-        return self._draw(ids)
+        generator.manual_seed(derive_seed(self.seed, "audit", "direction", int(j)))
+        if self.support == self.base_numel:
+            positions = torch.arange(self.base_numel)
+        else:
+            draws = torch.randint(0, self.base_numel, (self.support,), generator=generator)
+            positions = torch.unique(draws)
+        values = torch.randn(positions.numel(), generator=generator, dtype=torch.float64)
+        norm = (values.square() * self.weight[positions]).sum().sqrt()
+        return positions, values / norm
 
     def local_directions(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``[k, local numel]``: this rank's part of ``û_j`` for each id, flattened in parameter
         order."""
-        out = torch.zeros(len(ids), self.local_numel, dtype=torch.float64, device=self.device)
-        out[:, self.index] = self._base(ids) * self.coef
-        return out.to(dtype)
+        out = torch.zeros(len(ids), self.local_numel, dtype=dtype)
+        for row, j in enumerate(ids.tolist()):
+            positions, values = self.direction(j)
+            out[row, self.index[positions]] = (values * self.coef[positions]).to(dtype)
+        return out.to(self.device)
 
     def per_sample_rows(
         self, ids: torch.Tensor, norm: float, dtypes: Sequence[torch.dtype]
     ) -> list[torch.Tensor]:
         """Per-sample gradients ``norm · û_j`` of the canaries ``ids``, one ``[k, *local_shape]``
         tensor per parameter (in ``dtypes[i]``)."""
-        flat = self.local_directions(ids, torch.float64).mul_(norm)
+        flat = self.local_directions(ids, torch.float32).mul_(norm)
         rows = []
         for shape, offset, dtype in zip(self.local_shapes, self.offsets, dtypes, strict=True):
             numel = math.prod(shape)
@@ -247,7 +253,7 @@ class GradientCanaries:
         return rows
 
     # ------------------------------------------------------------------ scores
-    def scores(self, local_update: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    def scores(self, local_update: torch.Tensor) -> torch.Tensor:
         """``[m]`` float64 ``⟨update, û_j⟩`` for a flat local update (this rank's shards, in
         parameter order): each rank's part, summed over the TP group (a collective on it);
         identical on every rank of the group."""
@@ -255,13 +261,14 @@ class GradientCanaries:
             raise ValueError(
                 f"the update has {local_update.numel()} local elements, expected {self.local_numel}"
             )
-        update = local_update.to(self.device, torch.float64)[self.index]
+        update = local_update.detach().to("cpu", torch.float64)[self.index]
         weights = update * self.coef * self.counted
-        out = torch.empty(self.num_canaries, dtype=torch.float64, device=self.device)
-        for start in range(0, self.num_canaries, chunk):
-            ids = torch.arange(start, min(start + chunk, self.num_canaries))
-            out[ids.to(self.device)] = self._base(ids) @ weights
+        out = torch.empty(self.num_canaries, dtype=torch.float64)
+        for j in range(self.num_canaries):
+            positions, values = self.direction(j)
+            out[j] = values @ weights[positions]
         if self.mesh.tp_size > 1 and self.mesh.tp_group is not None:
+            out = out.to(self.device)
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.mesh.tp_group)
         return out.cpu()
 

@@ -104,6 +104,7 @@ def build_report(
                 "tp_size",
                 "per_sample_max_grad_norm",
                 "canary_gradient_norm",
+                "canary_support",
                 "grad_sample_mode",
                 "accountant",
             )

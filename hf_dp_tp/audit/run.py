@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .canaries import CANARY_KINDS, random_token_canaries
+from .canaries import CANARY_KINDS, DEFAULT_SUPPORT, random_token_canaries
 
 
 @dataclass
@@ -48,11 +48,13 @@ class AuditConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 0.5
     accountant: str = "prv"
+    secure_mode: bool = False
     records: int = 16
     seq_len: int = 16
     canaries: int = 1000
     canary_kind: str = "gradient"
     canary_gradient_norm: float = 10.0
+    canary_support: int = DEFAULT_SUPPORT
     confidence: float = 0.95
     guess_counts: list[int] | None = None
     audit_seed: int | None = None
@@ -155,6 +157,7 @@ def build_trainer(config: AuditConfig):
         target_delta=config.delta,
         per_sample_max_grad_norm=config.clip,
         accountant=config.accountant,
+        secure_mode=config.secure_mode,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_steps=config.steps,
@@ -182,6 +185,7 @@ def build_trainer(config: AuditConfig):
             canary_kind=config.canary_kind,
             canary_records=canary_records,
             canary_gradient_norm=config.canary_gradient_norm,
+            canary_support=config.canary_support,
             audit_seed=config.audit_seed,
         )
     return trainer
@@ -272,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> AuditConfig:
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=0.5, help="SGD learning rate")
     parser.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
+    parser.add_argument(
+        "--secure-mode", action="store_true", help="OS CSPRNG noise and keyed Poisson masks"
+    )
     parser.add_argument("--records", type=int, default=16, help="ordinary (synthetic) records")
     parser.add_argument("--seq-len", type=int, default=16, help="tokens per record and canary")
     parser.add_argument("--canaries", type=int, default=1000, help="m")
@@ -281,6 +288,12 @@ def parse_args(argv: list[str] | None = None) -> AuditConfig:
         type=float,
         default=10.0,
         help="gradient canaries' norm before clipping, in multiples of C",
+    )
+    parser.add_argument(
+        "--canary-support",
+        type=int,
+        default=DEFAULT_SUPPORT,
+        help="parameter elements each gradient canary is spread over (at most)",
     )
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument(
@@ -311,11 +324,13 @@ def parse_args(argv: list[str] | None = None) -> AuditConfig:
         gradient_accumulation_steps=ns.gradient_accumulation_steps,
         learning_rate=ns.learning_rate,
         accountant=ns.accountant,
+        secure_mode=ns.secure_mode,
         records=ns.records,
         seq_len=ns.seq_len,
         canaries=ns.canaries,
         canary_kind=ns.canary_kind,
         canary_gradient_norm=ns.canary_gradient_norm,
+        canary_support=ns.canary_support,
         confidence=ns.confidence,
         guess_counts=ns.guess_counts,
         audit_seed=ns.audit_seed,

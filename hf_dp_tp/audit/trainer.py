@@ -32,6 +32,7 @@ from ..trainer import DPTrainer
 from .canaries import (
     CANARY_KEY,
     CANARY_KINDS,
+    DEFAULT_SUPPORT,
     CanaryCollator,
     CanaryDataset,
     GradientCanaries,
@@ -78,6 +79,8 @@ class AuditTrainer(DPTrainer):
             records (e.g. :func:`~hf_dp_tp.audit.canaries.random_token_canaries`).
         canary_gradient_norm: gradient canaries only: their per-sample gradient norm before
             clipping, as a multiple of C (≥ 1: clipping must bring it down to C).
+        canary_support: gradient canaries only: parameter elements each direction is spread
+            over (at most; all of them on small models).
         audit_seed: seed of the canary inclusion, directions and input canaries. None (the
             default) draws a fresh one from ``os.urandom``, agreed by all ranks; fix it for tests.
     """
@@ -93,6 +96,7 @@ class AuditTrainer(DPTrainer):
         canary_kind: str = "gradient",
         canary_records: list[dict[str, Any]] | None = None,
         canary_gradient_norm: float = 10.0,
+        canary_support: int = DEFAULT_SUPPORT,
         audit_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -113,6 +117,7 @@ class AuditTrainer(DPTrainer):
         self.num_canaries = int(num_canaries)
         self.canary_records = canary_records
         self.canary_gradient_norm = float(canary_gradient_norm)
+        self.canary_support = int(canary_support)
         super().__init__(model, args, train_dataset=CanaryDataset(records, num_canaries), **kwargs)
         self.audit_seed = int(share_seed(audit_seed))  # identical on every rank
         self.included = draw_inclusion(self.num_canaries, self.audit_seed)
@@ -144,6 +149,7 @@ class AuditTrainer(DPTrainer):
                 self.mesh_info,
                 self.num_canaries,
                 self.audit_seed,
+                support=self.canary_support,
             )
             optimizer.canaries = self.gradient_canaries
             optimizer.canary_gradient_norm = (
@@ -172,7 +178,7 @@ class AuditTrainer(DPTrainer):
         if self.canary_kind == "input":
             return super().training_step(model, inputs, *args, **kwargs)
         optimizer = self._dp_optimizer
-        optimizer.pending_canaries = ids
+        optimizer.pending_canaries = ids if ids.numel() > 0 else None
         loss = super().training_step(model, inputs, *args, **kwargs)
         if optimizer.pending_canaries is not None:
             # no ordinary record in this micro-batch (no backward ran): the canaries alone
@@ -227,9 +233,9 @@ class AuditTrainer(DPTrainer):
         scores = self.canary_scores()
         if dist.is_initialized() and dist.get_world_size() > 1:
             # DP replicas hold the same released gradients; take global rank 0's scores anyway
-            tensor = torch.from_numpy(scores).clone()
+            tensor = torch.from_numpy(scores).to(self.args.device)
             dist.broadcast(tensor, src=0)
-            scores = tensor.numpy()
+            scores = tensor.cpu().numpy()
         return {
             "scores": scores,
             "included": self.included.numpy().copy(),
@@ -246,6 +252,7 @@ class AuditTrainer(DPTrainer):
             "per_sample_max_grad_norm": self.args.per_sample_max_grad_norm,
             "canary_kind": self.canary_kind,
             "canary_gradient_norm": self.canary_gradient_norm,
+            "canary_support": self.gradient_canaries.support if self.gradient_canaries else None,
             "grad_sample_mode": self.args.grad_sample_mode,
             "accountant": self.args.accountant,
         }
