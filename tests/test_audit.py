@@ -230,7 +230,11 @@ MUTATIONS = [
 
 
 def _audit_worker(rank: int, world: int, model_dir: str, out: str, names: list[str]) -> dict:
+    import os
     import time
+
+    # as under torchrun: otherwise accelerate gives each of the 4 ranks 2 threads on 2 cores
+    os.environ["OMP_NUM_THREADS"] = "1"
 
     from hf_dp_tp.audit.run import AuditConfig, run_audit
 
@@ -264,6 +268,7 @@ def audits(tmp_path_factory):
     return table
 
 
+@pytest.mark.slow
 def test_correct_configuration_stays_below_the_claim(audits):
     report = audits["correct"]
     assert report["run"]["dp_size"] == 2 and report["run"]["tp_size"] == 2
@@ -277,6 +282,7 @@ def test_correct_configuration_stays_below_the_claim(audits):
     assert diagnostics["mean_score_out"] == pytest.approx(0.0, abs=1.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mutation", ["noise_divided_by_world", "same_noise_on_tp_shards", "tp_rank1_unclipped"]
 )
@@ -286,6 +292,7 @@ def test_mutation_is_caught(audits, mutation):
     assert report["violation"]
 
 
+@pytest.mark.slow
 def test_noise_on_every_replica_is_flagged_by_the_noise_check(audits):
     # d = 2 identical draws add 2σC of noise: the bound cannot rise, the measured noise does
     report = audits["noise_on_every_dp_replica"]
@@ -296,6 +303,7 @@ def test_noise_on_every_replica_is_flagged_by_the_noise_check(audits):
 
 
 # --------------------------------------------------------------------------- 3. the command
+@pytest.mark.slow
 def test_command_writes_report_scores_and_plot(tmp_path):
     model_dir = models.save_tiny_llama(str(tmp_path / "model"))
     out = tmp_path / "audit"

@@ -46,6 +46,8 @@ CANARY_KEY = "__audit_canary__"
 CANARY_KINDS = ("gradient", "input")
 #: Base elements a gradient canary is spread over (at most): dense on small models.
 DEFAULT_SUPPORT = 1 << 16
+#: The directions of all canaries are kept (float32) when they hold at most this many numbers.
+_CACHE_ELEMENTS = 1 << 24
 
 
 def draw_inclusion(num_canaries: int, seed: int) -> torch.Tensor:
@@ -142,12 +144,13 @@ class GradientCanaries:
     The directions live on a "base" vector of the trainable parameters: every element of a
     replicated parameter, and for a parameter sharded over ``t`` TP ranks a block the size of the
     smallest shard, placed at the start of every shard and multiplied there by the rank's
-    coefficient (:func:`tp_coefficients`). Canary ``j`` is a standard normal vector on
-    ``support`` base elements (all of them when the base is no longer; otherwise a random subset,
-    so that large models cost ``support`` numbers per canary), drawn by every rank from a
-    generator seeded with ``(seed, j)``: the same on every rank without communication, and its
-    norm over the whole model is known locally, so ``û_j`` has norm 1 exactly. Random sparse
-    directions are as nearly orthogonal as dense ones (inner products of order ``1/√base``).
+    coefficient (:func:`tp_coefficients`). Canary ``j`` is a standard normal vector on the whole
+    base when it has at most ``support`` elements, else ``support`` standard normals at random
+    base positions (so that large models cost ``support`` numbers per canary), drawn by every
+    rank from a generator seeded with ``(seed, j)``: the same on every rank without
+    communication, and its norm over the whole model is known locally, so ``û_j`` has norm 1
+    exactly. Random sparse directions are as nearly orthogonal as dense ones (inner products of
+    order ``1/√base``).
 
     Args:
         params: trainable parameters in the DP optimizer's order (identical on every rank).
@@ -214,29 +217,41 @@ class GradientCanaries:
         if support < 1:
             raise ValueError(f"support must be >= 1, got {support}")
         self.support = min(int(support), self.base_numel)
+        self._cache: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ directions
-    def direction(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Canary ``j`` on the base: ``(base positions, values)`` (CPU), scaled so that the full
-        direction over the whole model has norm 1."""
+    def _generate(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[k, base]`` float32: the canaries ``ids`` on the base, scaled so that each full
+        direction over the whole model has norm 1. Canary ``j`` is ``support`` standard normals
+        at base positions drawn uniformly with replacement (every position, in order, when the
+        support is the whole base), from a generator seeded with ``(seed, j)``."""
+        out = torch.zeros(len(ids), self.base_numel, dtype=torch.float64)
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(derive_seed(self.seed, "audit", "direction", int(j)))
-        if self.support == self.base_numel:
-            positions = torch.arange(self.base_numel)
-        else:
-            draws = torch.randint(0, self.base_numel, (self.support,), generator=generator)
-            positions = torch.unique(draws)
-        values = torch.randn(positions.numel(), generator=generator, dtype=torch.float64)
-        norm = (values.square() * self.weight[positions]).sum().sqrt()
-        return positions, values / norm
+        dense = self.support == self.base_numel
+        for row, j in enumerate(ids.tolist()):
+            generator.manual_seed(derive_seed(self.seed, "audit", "direction", int(j)))
+            if dense:
+                out[row] = torch.randn(self.base_numel, generator=generator, dtype=torch.float64)
+            else:
+                positions = torch.randint(0, self.base_numel, (self.support,), generator=generator)
+                values = torch.randn(self.support, generator=generator, dtype=torch.float64)
+                out[row].index_add_(0, positions, values)
+        out /= (out.square() @ self.weight).sqrt().unsqueeze(1)
+        return out.float()
+
+    def base_directions(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[k, base]`` float32 unit canary directions on the base (cached for small models)."""
+        if self._cache is None and self.num_canaries * self.base_numel <= _CACHE_ELEMENTS:
+            self._cache = self._generate(torch.arange(self.num_canaries))
+        if self._cache is not None:
+            return self._cache[ids]
+        return self._generate(ids)
 
     def local_directions(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``[k, local numel]``: this rank's part of ``û_j`` for each id, flattened in parameter
         order."""
         out = torch.zeros(len(ids), self.local_numel, dtype=dtype)
-        for row, j in enumerate(ids.tolist()):
-            positions, values = self.direction(j)
-            out[row, self.index[positions]] = (values * self.coef[positions]).to(dtype)
+        out[:, self.index] = (self.base_directions(ids) * self.coef).to(dtype)
         return out.to(self.device)
 
     def per_sample_rows(
@@ -253,7 +268,7 @@ class GradientCanaries:
         return rows
 
     # ------------------------------------------------------------------ scores
-    def scores(self, local_update: torch.Tensor) -> torch.Tensor:
+    def scores(self, local_update: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """``[m]`` float64 ``⟨update, û_j⟩`` for a flat local update (this rank's shards, in
         parameter order): each rank's part, summed over the TP group (a collective on it);
         identical on every rank of the group."""
@@ -264,9 +279,9 @@ class GradientCanaries:
         update = local_update.detach().to("cpu", torch.float64)[self.index]
         weights = update * self.coef * self.counted
         out = torch.empty(self.num_canaries, dtype=torch.float64)
-        for j in range(self.num_canaries):
-            positions, values = self.direction(j)
-            out[j] = values @ weights[positions]
+        for start in range(0, self.num_canaries, chunk):
+            ids = torch.arange(start, min(start + chunk, self.num_canaries))
+            out[ids] = self.base_directions(ids).double() @ weights
         if self.mesh.tp_size > 1 and self.mesh.tp_group is not None:
             out = out.to(self.device)
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.mesh.tp_group)
