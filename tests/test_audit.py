@@ -106,45 +106,85 @@ def test_guesses_and_bonferroni():
 
 # --------------------------------------------------------------------------- canary directions
 def _tp_canaries(support: int):
-    """Gradient canaries of a [6, 4] weight sharded on dim 0 and a replicated [4] bias over a
-    TP group of 2, built for each TP rank in this process (no collectives)."""
+    """Gradient canaries of a [6, 4] weight sharded on dim 0, a [4, 5] weight sharded unevenly on
+    dim 1 (3 + 2 columns) and a replicated [4] bias over a TP group of 2, built for each TP rank
+    in this process (no collectives)."""
     from hf_dp_tp.audit.canaries import GradientCanaries
     from hf_dp_tp.parallel import MeshInfo, ParamLayout
 
     per_rank = []
     for rank in range(2):
-        layouts = [ParamLayout((6, 4), (3, 4), 0, 3 * rank, 3), ParamLayout((4,), (4,))]
-        params = [torch.zeros(3, 4), torch.zeros(4)]
+        columns = (3, 2)[rank]
+        layouts = [
+            ParamLayout((6, 4), (3, 4), 0, 3 * rank, 3),
+            ParamLayout((4, 5), (4, columns), 1, 3 * rank, columns),
+            ParamLayout((4,), (4,)),
+        ]
+        params = [torch.zeros(layout.local_shape) for layout in layouts]
         mesh = MeshInfo(tp_rank=rank, tp_size=2)
         per_rank.append(GradientCanaries(params, layouts, mesh, 5, seed=3, support=support))
     return per_rank
 
 
+def _split(flat: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """[k, local numel] of rank ``rank`` of :func:`_tp_canaries` → its three local tensors."""
+    columns = (3, 2)[rank]
+    sizes = [12, 4 * columns, 4]
+    parts = flat.split(sizes, dim=1)
+    shapes = [(3, 4), (4, columns), (4,)]
+    return [part.reshape(len(flat), *shape) for part, shape in zip(parts, shapes, strict=True)]
+
+
 @pytest.mark.parametrize("support", [1000, 6])
-def test_gradient_canary_directions_are_unit_and_balanced_over_tp_shards(support):
+@pytest.mark.parametrize("cached", [True, False])
+def test_gradient_canary_directions_are_unit_and_balanced_over_tp_shards(
+    support, cached, monkeypatch
+):
+    import hf_dp_tp.audit.canaries as canaries
+
+    if not cached:
+        monkeypatch.setattr(canaries, "_CACHE_ELEMENTS", 0)
     ranks = _tp_canaries(support)
     ids = torch.arange(5)
-    local = [c.local_directions(ids, torch.float64) for c in ranks]  # [5, 12 + 4] per rank
-    full_weight = torch.cat([local[0][:, :12], local[1][:, :12]], dim=1)
-    bias = local[0][:, 12:]
-    assert torch.equal(bias, local[1][:, 12:])  # replicated: the same on both ranks
-    norms = (full_weight.square().sum(1) + bias.square().sum(1)).sqrt()
-    torch.testing.assert_close(norms, torch.ones(5, dtype=torch.float64))
+    flat = [c.local_directions(ids, torch.float64) for c in ranks]
+    (w0, v0, b0), (w1, v1, b1) = _split(flat[0], 0), _split(flat[1], 1)
+    assert torch.equal(b0, b1)  # replicated: the same on both ranks
+    assert not v0[:, :, 2].any()  # the third column of rank 0 is outside the common block
+    norms = sum(x.square().flatten(1).sum(1) for x in (w0, w1, v0, v1, b0)).sqrt()
+    torch.testing.assert_close(norms, torch.ones(5, dtype=torch.float64), rtol=1e-6, atol=1e-6)
     # the two shards carry opposite blocks: noise drawn equal on both cancels from the scores
-    torch.testing.assert_close(local[0][:, :12], -local[1][:, :12])
-    same_noise = torch.randn(16, dtype=torch.float64)
-    same_noise[12:] = 0
-    total = ranks[0].scores(same_noise) + ranks[1].scores(same_noise)
+    torch.testing.assert_close(w0, -w1)
+    torch.testing.assert_close(v0[:, :, :2], -v1)
+    same_noise = [torch.randn(12 + 12 + 4, dtype=torch.float64), None]
+    same_noise[0][24:] = 0
+    same_noise[1] = torch.cat(
+        [
+            same_noise[0][:12],
+            same_noise[0][12:24].view(4, 3)[:, :2].reshape(-1),
+            torch.zeros(4, dtype=torch.float64),
+        ]
+    )
+    total = ranks[0].scores(same_noise[0]) + ranks[1].scores(same_noise[1])
     torch.testing.assert_close(total, torch.zeros(5, dtype=torch.float64))
     # an update along canary 2 scores 1 against it (each rank scores its shard, the bias once)
-    update = [local[r][2].clone() for r in range(2)]
-    scores = ranks[0].scores(update[0]) + ranks[1].scores(update[1])
-    assert scores[2].item() == pytest.approx(1.0)
-    rows = ranks[0].per_sample_rows(ids[:2], 10.0, [torch.float32, torch.float32])
-    assert [tuple(r.shape) for r in rows] == [(2, 3, 4), (2, 4)]
-    torch.testing.assert_close(rows[1].double(), 10 * bias[:2], rtol=1e-6, atol=1e-6)
-    # sparse directions: at most `support` of the 16 base elements per canary
-    assert int((local[0] != 0).sum(1).max()) <= min(support, 16)
+    scores = ranks[0].scores(flat[0][2]) + ranks[1].scores(flat[1][2])
+    assert scores[2].item() == pytest.approx(1.0, rel=1e-6)
+    rows = ranks[1].per_sample_rows(ids[:2], 10.0, [torch.float32] * 3)
+    assert [tuple(r.shape) for r in rows] == [(2, 3, 4), (2, 4, 2), (2, 4)]
+    torch.testing.assert_close(rows[1].double(), 10 * v1[:2], rtol=1e-6, atol=1e-6)
+    # sparse directions: at most `support` of the 12 + 8 + 4 base elements per canary
+    assert int((flat[1] != 0).sum(1).max()) <= min(support, 24)
+
+
+def test_cached_and_generated_directions_agree(monkeypatch):
+    import hf_dp_tp.audit.canaries as canaries
+
+    for support in (1000, 6):
+        cached = _tp_canaries(support)[1].local_directions(torch.arange(5), torch.float64)
+        monkeypatch.setattr(canaries, "_CACHE_ELEMENTS", 0)
+        generated = _tp_canaries(support)[1].local_directions(torch.arange(5), torch.float64)
+        monkeypatch.undo()
+        torch.testing.assert_close(cached, generated, rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- 2. mutations

@@ -146,11 +146,12 @@ class GradientCanaries:
     smallest shard, placed at the start of every shard and multiplied there by the rank's
     coefficient (:func:`tp_coefficients`). Canary ``j`` is a standard normal vector on the whole
     base when it has at most ``support`` elements, else ``support`` standard normals at random
-    base positions (so that large models cost ``support`` numbers per canary), drawn by every
-    rank from a generator seeded with ``(seed, j)``: the same on every rank without
-    communication, and its norm over the whole model is known locally, so ``û_j`` has norm 1
-    exactly. Random sparse directions are as nearly orthogonal as dense ones (inner products of
-    order ``1/√base``).
+    base positions (drawn with replacement; repeated positions add up), so that large models cost
+    ``support`` numbers per canary. Every rank draws it from a generator seeded with
+    ``(seed, j)``: the same on every rank without communication, and its norm over the whole
+    model is known locally, so ``û_j`` has norm 1 exactly. Random sparse directions are as nearly
+    orthogonal as dense ones (inner products of order ``1/√base``). The base is described per
+    parameter (no per-element tables), and all directions are cached when they are small.
 
     Args:
         params: trainable parameters in the DP optimizer's order (identical on every rank).
@@ -170,6 +171,8 @@ class GradientCanaries:
         seed: int,
         support: int = DEFAULT_SUPPORT,
     ) -> None:
+        if support < 1:
+            raise ValueError(f"support must be >= 1, got {support}")
         self.mesh = mesh
         self.num_canaries = int(num_canaries)
         self.seed = int(seed)
@@ -179,79 +182,110 @@ class GradientCanaries:
         self.local_shapes = [tuple(x.shape) for x in local]
         self.device = local[0].device if local else torch.device("cpu")
         self.offsets: list[int] = []
-        index_parts, coef_parts, weight_parts, count_parts = [], [], [], []
-        offset = 0
+        # one segment of the base per parameter: base element p of the segment is the local
+        # element  offset + (p // (b·inner))·(L·inner) + (p // inner % b)·inner + p % inner
+        # (sharded on dim k: b = block rows, L = local rows, inner = elements after dim k;
+        # replicated: b = L = 1, inner = numel, i.e. offset + p)
+        segments = []
+        base_start = offset = 0
         for shape, layout in zip(self.local_shapes, layouts, strict=True):
             self.offsets.append(offset)
             numel = math.prod(shape)
-            positions = torch.arange(offset, offset + numel).view(shape) if numel else None
-            offset += numel
-            if positions is None:
-                continue
-            if layout.sharded:
+            if numel and layout.sharded:
                 dim = layout.shard_dim
-                size = layout.global_shape[dim]
-                block = min(shard_extent(size, k, t)[1] for k in range(t))
-                if block == 0:
-                    continue
-                chosen = positions.narrow(dim, 0, block).reshape(-1)
-                coef, weight = coefficient, float(t)
-                counted = 1.0  # each TP rank scores its own shard
-            else:
-                chosen = positions.reshape(-1)
-                coef, weight = 1.0, 1.0
-                counted = 1.0 if r == 0 else 0.0  # replicated: scored once (TP rank 0)
-            index_parts.append(chosen)
-            n = chosen.numel()
-            coef_parts.append(torch.full((n,), coef, dtype=torch.float64))
-            weight_parts.append(torch.full((n,), weight, dtype=torch.float64))
-            count_parts.append(torch.full((n,), counted, dtype=torch.float64))
+                block = min(shard_extent(layout.global_shape[dim], k, t)[1] for k in range(t))
+                inner = math.prod(shape[dim + 1 :])
+                length = numel // shape[dim] * block
+                # each TP rank scores its own shard
+                info = (offset, block, shape[dim], inner, coefficient, float(t), 1.0)
+            elif numel:
+                length = numel
+                # replicated: the same on every TP rank, scored once (TP rank 0)
+                info = (offset, 1, 1, numel, 1.0, 1.0, 1.0 if r == 0 else 0.0)
+            if numel and length:
+                segments.append((base_start, *info))
+                base_start += length
+            offset += numel
         self.local_numel = offset
-        if not index_parts:
+        self.base_numel = base_start
+        if not segments:
             raise ValueError("gradient canaries need at least one trainable parameter element")
-        self.index = torch.cat(index_parts)  # base element -> position in the local flat vector
-        self.coef = torch.cat(coef_parts)
-        self.weight = torch.cat(weight_parts)
-        self.counted = torch.cat(count_parts)
-        self.base_numel = self.index.numel()
-        if support < 1:
-            raise ValueError(f"support must be >= 1, got {support}")
+        columns = list(zip(*segments, strict=True))
+        self._starts = torch.tensor(columns[0], dtype=torch.long)
+        self._offset, self._block, self._rows, self._inner = (
+            torch.tensor(c, dtype=torch.long) for c in columns[1:5]
+        )
+        self._coef, self._weight, self._counted = (
+            torch.tensor(c, dtype=torch.float64) for c in columns[5:8]
+        )
         self.support = min(int(support), self.base_numel)
-        self._cache: torch.Tensor | None = None
+        self._cache: torch.Tensor | None = None  # [m, base] float32
+        self._full_map: tuple[torch.Tensor, ...] | None = None
+
+    # ------------------------------------------------------------------ the base
+    def _map(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Base positions → (local flat positions, coefficient, norm weight, scored-here)."""
+        seg = torch.searchsorted(self._starts, positions, right=True) - 1
+        p = positions - self._starts[seg]
+        block, rows, inner = self._block[seg], self._rows[seg], self._inner[seg]
+        local = (
+            self._offset[seg]
+            + torch.div(p, block * inner, rounding_mode="floor") * rows * inner
+            + torch.div(p, inner, rounding_mode="floor") % block * inner
+            + p % inner
+        )
+        return local, self._coef[seg], self._weight[seg], self._counted[seg]
+
+    def _full(self) -> tuple[torch.Tensor, ...]:
+        if self._full_map is None:
+            self._full_map = self._map(torch.arange(self.base_numel))
+        return self._full_map
 
     # ------------------------------------------------------------------ directions
-    def _generate(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[k, base]`` float32: the canaries ``ids`` on the base, scaled so that each full
-        direction over the whole model has norm 1. Canary ``j`` is ``support`` standard normals
-        at base positions drawn uniformly with replacement (every position, in order, when the
-        support is the whole base), from a generator seeded with ``(seed, j)``."""
-        out = torch.zeros(len(ids), self.base_numel, dtype=torch.float64)
+    def direction(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Canary ``j`` on the base: ``(positions, values)``, sorted distinct positions and
+        float64 values scaled so that the full direction over the whole model has norm 1."""
         generator = torch.Generator(device="cpu")
-        dense = self.support == self.base_numel
-        for row, j in enumerate(ids.tolist()):
-            generator.manual_seed(derive_seed(self.seed, "audit", "direction", int(j)))
-            if dense:
-                out[row] = torch.randn(self.base_numel, generator=generator, dtype=torch.float64)
-            else:
-                positions = torch.randint(0, self.base_numel, (self.support,), generator=generator)
-                values = torch.randn(self.support, generator=generator, dtype=torch.float64)
-                out[row].index_add_(0, positions, values)
-        out /= (out.square() @ self.weight).sqrt().unsqueeze(1)
-        return out.float()
+        generator.manual_seed(derive_seed(self.seed, "audit", "direction", int(j)))
+        if self.support == self.base_numel:
+            positions = torch.arange(self.base_numel)
+            values = torch.randn(self.base_numel, generator=generator, dtype=torch.float64)
+        else:
+            draws = torch.randint(0, self.base_numel, (self.support,), generator=generator)
+            normals = torch.randn(self.support, generator=generator, dtype=torch.float64)
+            positions, slot = torch.unique(draws, return_inverse=True)
+            values = torch.zeros(positions.numel(), dtype=torch.float64)
+            values.index_add_(0, slot, normals)
+        if self._full_map is not None:
+            weight = self._full_map[2][positions]
+        else:
+            weight = self._map(positions)[2]
+        return positions, values / (values.square() @ weight).sqrt()
 
-    def base_directions(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[k, base]`` float32 unit canary directions on the base (cached for small models)."""
+    def _cached(self) -> torch.Tensor | None:
+        """``[m, base]`` float32 of all directions, when that is at most ``_CACHE_ELEMENTS``."""
         if self._cache is None and self.num_canaries * self.base_numel <= _CACHE_ELEMENTS:
-            self._cache = self._generate(torch.arange(self.num_canaries))
-        if self._cache is not None:
-            return self._cache[ids]
-        return self._generate(ids)
+            self._full()
+            cache = torch.zeros(self.num_canaries, self.base_numel, dtype=torch.float32)
+            for j in range(self.num_canaries):
+                positions, values = self.direction(j)
+                cache[j, positions] = values.float()
+            self._cache = cache
+        return self._cache
 
     def local_directions(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``[k, local numel]``: this rank's part of ``û_j`` for each id, flattened in parameter
         order."""
         out = torch.zeros(len(ids), self.local_numel, dtype=dtype)
-        out[:, self.index] = (self.base_directions(ids) * self.coef).to(dtype)
+        cache = self._cached()
+        if cache is not None:
+            local, coef, _, _ = self._full()
+            out[:, local] = (cache[ids] * coef.float()).to(dtype)
+        else:
+            for row, j in enumerate(ids.tolist()):
+                positions, values = self.direction(j)
+                local, coef, _, _ = self._map(positions)
+                out[row, local] = (values * coef).to(dtype)
         return out.to(self.device)
 
     def per_sample_rows(
@@ -276,12 +310,20 @@ class GradientCanaries:
             raise ValueError(
                 f"the update has {local_update.numel()} local elements, expected {self.local_numel}"
             )
-        update = local_update.detach().to("cpu", torch.float64)[self.index]
-        weights = update * self.coef * self.counted
+        update = local_update.detach().to("cpu", torch.float64).reshape(-1)
         out = torch.empty(self.num_canaries, dtype=torch.float64)
-        for start in range(0, self.num_canaries, chunk):
-            ids = torch.arange(start, min(start + chunk, self.num_canaries))
-            out[ids] = self.base_directions(ids).double() @ weights
+        cache = self._cached()
+        if cache is not None:
+            local, coef, _, counted = self._full()
+            weights = update[local] * coef * counted
+            for start in range(0, self.num_canaries, chunk):
+                stop = min(start + chunk, self.num_canaries)
+                out[start:stop] = cache[start:stop].double() @ weights
+        else:
+            for j in range(self.num_canaries):
+                positions, values = self.direction(j)
+                local, coef, _, counted = self._map(positions)
+                out[j] = values @ (update[local] * coef * counted)
         if self.mesh.tp_size > 1 and self.mesh.tp_group is not None:
             out = out.to(self.device)
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.mesh.tp_group)
