@@ -104,6 +104,49 @@ def test_guesses_and_bonferroni():
     assert alone < epsilon_lower_bound(1000, 400, 400, delta=1e-5, confidence=0.95)
 
 
+def test_report_files_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from hf_dp_tp.audit.report import build_report, write_report
+
+    rng = np.random.default_rng(0)
+    included = rng.random(200) < 0.5
+    scores = rng.normal(size=200) * 4 + 4 * included
+    record = dict(
+        scores=scores,
+        included=included,
+        claimed_epsilon=2.0,
+        delta=1e-5,
+        noise_multiplier=4.0,
+        sample_rate=1.0,
+        steps=1,
+        expected_batch_size=208,
+        dataset_size=208,
+        records=8,
+        dp_size=1,
+        tp_size=1,
+        per_sample_max_grad_norm=1.0,
+        canary_kind="gradient",
+        canary_gradient_norm=10.0,
+        canary_support=1000,
+        grad_sample_mode="hooks",
+        accountant="prv",
+    )
+    report, bound = build_report(record, confidence=0.95, guess_counts=None, configuration={})
+    assert report["epsilon_lower_bound"] == bound.epsilon_lower_bound
+    assert report["diagnostics"]["noise_check"] == "ok"  # out-scores: std σ·√T = 4
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    paths = write_report(str(tmp_path), report, scores, included)
+    assert [p.rsplit("/", 1)[1] for p in paths] == [
+        "audit_report.json",
+        "canary_scores.csv",
+        "canary_scores.txt",
+    ]
+    histogram = (tmp_path / "canary_scores.txt").read_text()
+    assert "lower bound" in histogram and "#" in histogram and "o" in histogram
+    assert json.loads((tmp_path / "audit_report.json").read_text())["canaries"] == 200
+
+
 # --------------------------------------------------------------------------- canary directions
 def _tp_canaries(support: int):
     """Gradient canaries of a [6, 4] weight sharded on dim 0, a [4, 5] weight sharded unevenly on
