@@ -260,22 +260,22 @@ def _mutation(name: str):
         if name == "noise_divided_by_world":
 
             class WorldScaledNoise(NoiseSource):
-                def normal(self, shape, std, device):
-                    return super().normal(shape, std / dist.get_world_size(), device)
+                def normal(self, shape, std, *args, **kwargs):
+                    return super().normal(shape, std / dist.get_world_size(), *args, **kwargs)
 
             patch.setattr(optimizer_module, "NoiseSource", WorldScaledNoise)
         elif name == "noise_halved":  # docs/audit.md: a bug too small for this audit to see
 
             class HalvedNoise(NoiseSource):
-                def normal(self, shape, std, device):
-                    return super().normal(shape, std / 2, device)
+                def normal(self, shape, std, *args, **kwargs):
+                    return super().normal(shape, std / 2, *args, **kwargs)
 
             patch.setattr(optimizer_module, "NoiseSource", HalvedNoise)
         elif name == "same_noise_on_tp_shards":
 
             class SharedNoise(NoiseSource):
-                def __init__(self, *, seed, tp_rank, step, secure):
-                    super().__init__(seed=seed, tp_rank=0, step=step, secure=secure)
+                def __init__(self, **kwargs):
+                    super().__init__(**{**kwargs, "tp_rank": 0})
 
             patch.setattr(optimizer_module, "NoiseSource", SharedNoise)
         elif name == "tp_rank1_unclipped":
