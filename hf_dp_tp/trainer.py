@@ -170,6 +170,10 @@ class DPTrainer(Trainer):
             ``data_collator``, ``processing_class``, ``callbacks``, ``optimizers``, ...).
     """
 
+    #: The class ``create_optimizer`` wraps the optimizer in; a subclass may change one of its
+    #: stages (the privacy audit adds canary gradients before clipping).
+    dp_optimizer_class: type[DPOptimizerTP] = DPOptimizerTP
+
     def __init__(
         self,
         model: nn.Module | None = None,
@@ -484,7 +488,7 @@ class DPTrainer(Trainer):
             return optimizer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # σ = 0 was already warned about at construction
-            dp_optimizer = DPOptimizerTP(
+            dp_optimizer = self.dp_optimizer_class(
                 optimizer,
                 noise_multiplier=self._resolve_noise_multiplier(),
                 max_grad_norm=self.args.per_sample_max_grad_norm,
