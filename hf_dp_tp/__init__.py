@@ -30,6 +30,7 @@ _EXPORTS = {
     "register_grad_sampler_alias": "grad_samplers",
     "resolve_mesh": "parallel",
     "save_lora_adapter": "lora",
+    "set_collective_timeout": "parallel",
 }
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "register_grad_sampler_alias",
     "resolve_mesh",
     "save_lora_adapter",
+    "set_collective_timeout",
 ]
 
 
@@ -90,6 +92,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         init_dp_tp_mesh,
         llama_sequence_parallel_plan,
         resolve_mesh,
+        set_collective_timeout,
     )
     from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
     from .trainer import DPTrainer

@@ -23,21 +23,36 @@ DP_DIM = "dp"
 TP_DIM = "tp"
 
 
-def init_distributed() -> torch.device:
+def init_distributed(timeout: timedelta | None = None) -> torch.device:
     """Initialise torch.distributed from the launcher's environment (torchrun, accelerate) and
     return this process's device: NCCL with one GPU per process when the node has at least as
-    many GPUs as local processes, otherwise gloo on CPU with the cores split between them."""
+    many GPUs as local processes, otherwise gloo on CPU with the cores split between them.
+
+    ``timeout`` bounds every collective on the default group (torch's default otherwise: 30 min
+    for gloo, 10 min for NCCL): a rank that stops responding makes the others fail after it."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    kwargs = {} if timeout is None else {"timeout": timeout}
     if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", **kwargs)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **kwargs)
     return device
+
+
+def set_collective_timeout(timeout: timedelta, group: dist.ProcessGroup | None = None) -> None:
+    """Bound every later collective on ``group`` (default: the default group) by ``timeout``.
+
+    Sub-groups (``new_group``, a ``DeviceMesh``'s dims) do not inherit the default group's
+    timeout, and accelerate does not pass ``ddp_timeout`` on to CPU (gloo) runs; this sets it
+    after the fact."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is not None:
+        setter(timeout, group)
 
 
 def destroy_process_groups(timeout: timedelta = timedelta(seconds=60)) -> None:
@@ -56,10 +71,14 @@ def destroy_process_groups(timeout: timedelta = timedelta(seconds=60)) -> None:
     dist.destroy_process_group()
 
 
-def init_dp_tp_mesh(tp_size: int, device_type: str | None = None) -> DeviceMesh:
+def init_dp_tp_mesh(
+    tp_size: int, device_type: str | None = None, timeout: timedelta | None = None
+) -> DeviceMesh:
     """Build the 2-D ``("dp", "tp")`` mesh over all ranks: ``dp_size = world_size // tp_size``.
 
     TP groups are blocks of ``tp_size`` consecutive ranks (ranks on one node share the fast links).
+    ``timeout`` bounds every collective on the mesh's groups (they do not inherit the default
+    group's timeout: without it, torch's default applies).
     """
     if not dist.is_initialized():
         raise RuntimeError("init_dp_tp_mesh needs torch.distributed to be initialised first.")
@@ -71,9 +90,13 @@ def init_dp_tp_mesh(tp_size: int, device_type: str | None = None) -> DeviceMesh:
         )
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(
+    mesh = init_device_mesh(
         device_type, (world // tp_size, tp_size), mesh_dim_names=(DP_DIM, TP_DIM)
     )
+    if timeout is not None:
+        for dim in (DP_DIM, TP_DIM):
+            set_collective_timeout(timeout, mesh[dim].get_group())
+    return mesh
 
 
 @dataclass(frozen=True)
