@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 DP_DIM = "dp"
 TP_DIM = "tp"
@@ -235,7 +236,10 @@ class ParamLayout:
     """Where this rank's local piece of a parameter sits in the full parameter.
 
     ``shard_dim`` is None for a replicated parameter (every TP rank holds all of it); otherwise the
-    local tensor is ``full.narrow(shard_dim, offset, length)``.
+    local tensor is ``full.narrow(shard_dim, offset, length)`` — or, for a packed parameter
+    (``split_factor`` s > 1, DTensor ``_StridedShard``: e.g. a fused q|k|v projection), the
+    concatenation over the s equal blocks of ``shard_dim`` of each block's slice ``(offset,
+    length / s)``.
     """
 
     global_shape: tuple[int, ...]
@@ -243,13 +247,30 @@ class ParamLayout:
     shard_dim: int | None = None
     offset: int = 0
     length: int = 0
+    split_factor: int = 1
 
     @property
     def sharded(self) -> bool:
         return self.shard_dim is not None
 
     def describe(self) -> str:
-        return "Replicate()" if self.shard_dim is None else f"Shard({self.shard_dim})"
+        if self.shard_dim is None:
+            return "Replicate()"
+        if self.split_factor != 1:
+            return f"_StridedShard({self.shard_dim}, split_factor={self.split_factor})"
+        return f"Shard({self.shard_dim})"
+
+    def take_local(self, full: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's piece of ``full`` (full size along ``dim``, which stands for
+        ``shard_dim``)."""
+        if self.split_factor == 1:
+            return full.narrow(dim, self.offset, self.length)
+        block = full.shape[dim] // self.split_factor
+        piece = self.length // self.split_factor
+        return torch.cat(
+            [full.narrow(dim, k * block + self.offset, piece) for k in range(self.split_factor)],
+            dim=dim,
+        )
 
 
 def shard_extent(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -294,6 +315,18 @@ def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
     local_shape = tuple(param.to_local().shape)
     if isinstance(placement, Replicate):
         return ParamLayout(global_shape, local_shape)
+    if isinstance(placement, _StridedShard):
+        dim = placement.dim % param.ndim
+        factor = placement.split_factor
+        mesh = param.device_mesh
+        block, uneven = divmod(global_shape[dim], factor)
+        offset, piece = shard_extent(block, mesh.get_local_rank(), mesh.size())
+        if uneven or block % mesh.size() != 0 or local_shape[dim] != piece * factor:
+            raise ValueError(
+                f"{name}: {placement} of size {global_shape[dim]} over {mesh.size()} ranks: only "
+                "packed dims whose blocks split evenly over the TP ranks are supported."
+            )
+        return ParamLayout(global_shape, local_shape, dim, offset, piece * factor, factor)
     if isinstance(placement, Shard):
         dim = placement.dim % param.ndim
         size = global_shape[dim]
@@ -384,8 +417,7 @@ def apply_tp_plan(
         if not plan:
             raise ValueError(
                 f"{type(model).__name__} has no HF tp_plan, so tp_plan='auto' cannot shard it. "
-                "Pass an explicit plan, e.g. {'transformer.h.*.mlp.c_fc': ColwiseParallel(), ...} "
-                "(module name patterns to torch ParallelStyle objects or HF style names)."
+                + _explicit_plan_hint(model)
             )
     if not isinstance(plan, dict):
         raise TypeError(f"tp plan must be 'auto' or a dict, got {type(plan).__name__}")
@@ -416,6 +448,7 @@ def apply_tp_plan(
         raise ValueError(
             f"TP plan entries {sorted(unused)} match no module of {type(model).__name__}."
         )
+    _check_styles_fit_modules(model, {**hf_plan, **torch_plan})
     tied = _tied_parameter_names(model)
     modules_by_name = dict(model.named_modules())
     if hf_plan:
@@ -438,6 +471,61 @@ def apply_tp_plan(
         parallelize_module(model, tp_mesh, torch_plan)
     _retie(model, tied)
     return model
+
+
+def _has_conv1d(model: nn.Module) -> bool:
+    from .tp_plans import is_conv1d
+
+    return any(is_conv1d(m) for m in model.modules())
+
+
+def _explicit_plan_hint(model: nn.Module) -> str:
+    """How to shard a model without an HF plan: only suggestions that work for its layers."""
+    if _has_conv1d(model):
+        return (
+            "Its layers are transformers Conv1D (GPT-2 style, weight [in, out]), which neither "
+            "the HF style names nor torch's ColwiseParallel/RowwiseParallel can shard. For a "
+            "GPT-2-architecture model pass tp_plan=hf_dp_tp.gpt2_tp_plan(); for another Conv1D "
+            "model write a plan with hf_dp_tp.Conv1DParallel('colwise' | 'rowwise') for its "
+            "Conv1D layers (packed=3 for a fused q|k|v projection). Or train without TP "
+            "(tp_size=1, grad_sample_mode='hooks')."
+        )
+    return (
+        "Pass an explicit plan: module name patterns (with * for layer numbers) to HF style names "
+        "for nn.Linear / nn.Embedding layers, e.g. {'model.layers.*.mlp.up_proj': 'colwise', "
+        "'model.layers.*.mlp.down_proj': 'rowwise', ...}, or torch ParallelStyle objects "
+        "(ColwiseParallel(), RowwiseParallel(), ...). Or train without TP (tp_size=1, "
+        "grad_sample_mode='hooks')."
+    )
+
+
+def _check_styles_fit_modules(model: nn.Module, styles: dict[str, object]) -> None:
+    """Refuse, before anything is sharded, a style that cannot shard its module (the failure
+    would otherwise come from deep inside torch or transformers)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from .tp_plans import Conv1DParallel, is_conv1d
+
+    linear_styles = {"colwise", "rowwise", "colwise_rep", "rowwise_rep", "colwise_gather_output"}
+    modules = dict(model.named_modules())
+    for name, style in styles.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        if is_conv1d(module) and (
+            isinstance(style, (ColwiseParallel, RowwiseParallel)) or style in linear_styles
+        ):
+            kind = "rowwise" if "rowwise" in str(style).lower() else "colwise"
+            raise ValueError(
+                f"{name} is a transformers Conv1D (weight [in, out]): {style!r} shards nn.Linear "
+                f"only. Use hf_dp_tp.Conv1DParallel({kind!r}) for it (or, for a GPT-2 model, "
+                "tp_plan=hf_dp_tp.gpt2_tp_plan())."
+            )
+        if isinstance(style, Conv1DParallel) and not is_conv1d(module):
+            raise ValueError(
+                f"{name} is a {type(module).__name__}, not a transformers Conv1D: "
+                "Conv1DParallel does not apply; use ColwiseParallel/RowwiseParallel or an HF style."
+            )
 
 
 def _install_hf_styles(model: nn.Module, tp_mesh: DeviceMesh, hf_plan: dict[str, str]) -> None:

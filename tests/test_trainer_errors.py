@@ -270,7 +270,7 @@ def error_results(tmp_path_factory):
     [
         ("tp_not_dividing_world", r"tp_size=3 must divide the world size 2"),
         ("heads_not_divisible", r"num_attention_heads=3 is not divisible by tp_size=2"),
-        ("auto_plan_without_hf_plan", r"has no HF tp_plan.*explicit plan"),
+        ("auto_plan_without_hf_plan", r"has no HF tp_plan.*gpt2_tp_plan\(\)"),
         (
             "dtensor_model_in_hooks_mode",
             r"DTensor.*grad_sample_mode='hooks'.*Use grad_sample_mode='tp'",
