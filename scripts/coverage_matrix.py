@@ -38,8 +38,9 @@ START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 
 N, SEQ, VOCAB = 8, 8, 64
 MAX_PARAMETERS = 2_000_000
-# relative error of the update: float64 (fp32 computed inside some layers: ~1e-7), float32
-TOLERANCE = {"float64": 1e-6, "float32": 1e-4}
+# relative error of the update: float64 (layers that compute in fp32 inside, as Gemma-style norms
+# do, leave up to ~1e-6), float32
+TOLERANCE = {"float64": 1e-5, "float32": 1e-4}
 
 TINY = dict(
     vocab_size=VOCAB,
@@ -94,22 +95,33 @@ def all_cases() -> list[str]:
 
 
 def tiny_config(model_type: str):
-    """The architecture's default config, shrunk: every size field it has set small, dropout 0."""
+    """The architecture's default config, shrunk: every size field it has set small, per-layer
+    lists cut to the tiny depth (keeping their first and last kinds), dropout 0."""
     from transformers import AutoConfig
 
     defaults = AutoConfig.for_model(model_type)
     text = defaults.get_text_config() if hasattr(defaults, "get_text_config") else defaults
-    known = set(text.to_dict()) | set(getattr(text, "attribute_map", {}))
+    values = text.to_dict()
+    known = set(values) | set(getattr(text, "attribute_map", {}))
     overrides = {k: v for k, v in TINY.items() if k in known}
-    for key, value in text.to_dict().items():
+    if "qk_rope_head_dim" in known:  # multi-head latent attention: head_dim is derived
+        overrides.pop("head_dim", None)
+    for key in ("rotary_dim", "partial_rotary_dim"):
+        if isinstance(values.get(key), int):
+            overrides[key] = 4
+    depth, tiny_depth = values.get("num_hidden_layers"), TINY["num_hidden_layers"]
+    for key, value in values.items():
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key) and value:
             overrides[key] = 0.0
-    config = (
-        type(text)(**{**text.to_dict(), **overrides, "layer_types": None})
-        if hasattr(text, "layer_types")
-        else type(text)(**{**text.to_dict(), **overrides})
-    )
-    return config
+        if isinstance(value, list) and depth and len(value) == depth and key not in overrides:
+            overrides[key] = [value[0], value[-1]][:tiny_depth]
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            overrides[key] = {k: v for k, v in value.items() if int(k) < tiny_depth}
+    try:
+        return type(text)(**{**values, **overrides})
+    except Exception:  # noqa: BLE001 - some configs rebuild their per-layer lists themselves
+        lists = {k: None for k, v in values.items() if isinstance(v, list) and len(v) == depth}
+        return type(text)(**{**values, **overrides, **lists})
 
 
 def build(case: str):

@@ -4,9 +4,7 @@ docs/coverage.json, no architecture trains with an update different from single-
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
@@ -15,13 +13,9 @@ from tests.distributed_harness import ROOT
 
 
 def _script():
-    name = "coverage_matrix"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "coverage_matrix.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from scripts import coverage_matrix  # a package, so spawned ranks can import its worker
+
+    return coverage_matrix
 
 
 def _recorded() -> dict:
