@@ -23,7 +23,11 @@ Real settings use the same entry point, e.g. a hub model on 8 GPUs, tp=4 × dp=2
 
 Every ``DPTrainingArguments`` / ``TrainingArguments`` field is a flag (``--help``). The demo
 defaults set below (``DEMO_DEFAULTS``) apply unless a flag overrides them; for a pretrained model
-pass your own ``--learning_rate`` (the demo's 2e-2 suits a tiny model trained from scratch).
+pass your own ``--learning_rate`` (the demo's 2e-2 suits a tiny model trained from scratch). An
+explicit ``--noise_multiplier`` replaces the demo's ``target_epsilon`` (``--target_epsilon none``
+unsets it too). A non-empty ``--output_dir`` is refused unless ``--overwrite_output_dir true`` (or
+``--resume_from_checkpoint``) is given, so a second run never silently replaces a saved model.
+The run ends by printing one note generated (greedily) by the trained model from ``--prompt``.
 
 Privacy unit: one record of the training file. Records are truncated to ``--max_seq_length``
 tokens and never concatenated ("grouped") with other records, so each sample of a batch is
@@ -61,6 +65,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_DATASET = DATA_DIR / "clinic_notes"
 DEMO_TOKENIZER = DATA_DIR / "tokenizer"
 DEMO_CONFIG = DATA_DIR / "tiny_llama"
+DEMO_PROMPT = "Ms. Vera Thistle, 52, was seen today"
 
 # The embedded demo: tp=2 on 2 processes, 1600 records, expected batch 64 (q = 0.04), 3 epochs.
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -141,6 +146,26 @@ class ModelArguments:
 
 
 @dataclass
+class RunArguments:
+    """Where the results go and what the trained model is asked to write at the end."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into a non-empty --output_dir, replacing files of the same name (the "
+            "saved model of an earlier run). Without it such a directory is refused."
+        },
+    )
+    prompt: str = field(
+        default=DEMO_PROMPT,
+        metadata={"help": "Start of the note the trained model completes at the end ('' skips)."},
+    )
+    max_new_tokens: int = field(
+        default=60, metadata={"help": "Tokens generated (greedily) after --prompt."}
+    )
+
+
+@dataclass
 class DataArguments:
     """Which text to fine-tune on. Default: the synthetic clinic notes shipped in examples/data/."""
 
@@ -175,14 +200,44 @@ class DataArguments:
     )
 
 
+def _float_or_none(text: str) -> float | None:
+    """``--target_epsilon none`` unsets a float flag (argparse would refuse the word)."""
+    return None if text.strip().lower() in ("none", "null", "") else float(text)
+
+
 def parse_args(
     argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, DPTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, DPTrainingArguments))
-    parser.set_defaults(**DEMO_DEFAULTS)
+) -> tuple[ModelArguments, DataArguments, DPTrainingArguments, RunArguments]:
+    """The four argument groups, with ``DEMO_DEFAULTS`` under whatever the user passed. The
+    demo's ``target_epsilon`` applies only when the user gives neither it nor
+    ``noise_multiplier`` (exactly one of them is allowed)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, DPTrainingArguments, RunArguments))
+    for action in parser._actions:
+        if action.dest in ("target_epsilon", "noise_multiplier", "target_delta"):
+            action.type = _float_or_none
+    defaults = {k: v for k, v in DEMO_DEFAULTS.items() if k != "target_epsilon"}
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+        with open(os.path.abspath(sys.argv[1])) as f:
+            given = json.load(f)
+        return parser.parse_dict({**defaults, **_privacy_default(given), **given})
+    parser.set_defaults(**defaults, target_epsilon=_NOT_GIVEN, noise_multiplier=_NOT_GIVEN)
+    given, _ = parser.parse_known_args(args=argv)
+    given = {k: v for k, v in vars(given).items() if v is not _NOT_GIVEN}
+    parser.set_defaults(
+        **{"target_epsilon": None, "noise_multiplier": None, **_privacy_default(given)}
+    )
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+_NOT_GIVEN = object()
+
+
+def _privacy_default(given: dict[str, Any]) -> dict[str, Any]:
+    """The demo's ε budget, unless the user set (or unset) ``target_epsilon`` or
+    ``noise_multiplier`` explicitly."""
+    if "target_epsilon" in given or "noise_multiplier" in given:
+        return {}
+    return {"target_epsilon": DEMO_DEFAULTS["target_epsilon"]}
 
 
 def load_raw_datasets(data_args: DataArguments, seed: int) -> datasets.DatasetDict:
@@ -252,18 +307,43 @@ def load_model(
     return model
 
 
+def check_output_dir(args: DPTrainingArguments, run_args: RunArguments) -> None:
+    """Refuse to write over an earlier run's results (as ``run_clm.py`` users expect): a
+    non-empty ``output_dir`` needs ``--overwrite_output_dir`` or ``--resume_from_checkpoint``.
+    Every rank checks the same directory before anything is written, so all stop together."""
+    out = args.output_dir
+    if run_args.overwrite_output_dir or args.resume_from_checkpoint or not os.path.isdir(out):
+        return
+    if entries := sorted(os.listdir(out)):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ValueError(
+            f"output_dir {out!r} is not empty ({shown}): it holds an earlier run's results. Pass "
+            "--overwrite_output_dir true to write over them, --resume_from_checkpoint to continue "
+            "from one of its checkpoints, or choose another --output_dir."
+        )
+
+
 def tokenize(
     raw: datasets.DatasetDict,
     tokenizer: PreTrainedTokenizerBase,
     data_args: DataArguments,
     args: DPTrainingArguments,
 ) -> datasets.DatasetDict:
-    """One record -> one sample (truncated, never grouped with other records)."""
+    """One record -> one sample (truncated, never grouped with other records). A record that
+    fits in ``max_seq_length`` ends with the end-of-text token, so the model learns where a note
+    ends; the tokenizer itself does not append it (a prompt must not end the text)."""
+    eos = tokenizer.eos_token_id
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        return tokenizer(
+        encoded = tokenizer(
             batch[data_args.text_column], truncation=True, max_length=data_args.max_seq_length
         )
+        if eos is not None:
+            for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True):
+                if len(ids) < data_args.max_seq_length and (not ids or ids[-1] != eos):
+                    ids.append(eos)
+                    mask.append(1)
+        return encoded
 
     with args.main_process_first(desc="tokenizing"):
         return raw.map(
@@ -287,6 +367,26 @@ class CausalLMPaddingCollator:
         return batch
 
 
+def generate_note(
+    trainer: DPTrainer, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int
+) -> str:
+    """Greedy continuation of ``prompt`` by the trained (tensor-parallel) model. Every rank must
+    call it: each forward pass runs the TP collectives. Greedy decoding on logits that are
+    identical on every rank picks the same tokens everywhere."""
+    model = trainer.model
+    model.eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(trainer.args.device)
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
 def perplexity(metrics: dict[str, float]) -> float:
     try:
         return math.exp(metrics["eval_loss"])
@@ -295,7 +395,8 @@ def perplexity(metrics: dict[str, float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, training_args = parse_args(argv)
+    model_args, data_args, training_args, run_args = parse_args(argv)
+    check_output_dir(training_args, run_args)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
@@ -340,6 +441,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.save_model()  # an ordinary checkpoint (tokenizer included): from_pretrained loads it
     trainer.save_state()
 
+    note = None
+    if run_args.prompt:  # every rank takes part: the model is sharded
+        note = generate_note(trainer, tokenizer, run_args.prompt, run_args.max_new_tokens)
+
     summary = {
         "eval_loss_before": before["eval_loss"] if before else None,
         "eval_perplexity_before": perplexity(before) if before else None,
@@ -348,6 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_runtime_s": train_result.metrics.get("train_runtime"),
         "privacy": trainer.privacy_report(),
         "saved_to": os.path.abspath(training_args.output_dir),
+        "generated_note": note,
     }
     if trainer.is_world_process_zero():
         privacy = summary["privacy"]
@@ -362,6 +468,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{privacy['accountant']} accountant)\n"
             f"model, tokenizer and privacy_report.json saved to {summary['saved_to']}"
         )
+        if note is not None:
+            print(f"\na note written by the trained model (greedy, from the prompt):\n{note}")
         with open(os.path.join(training_args.output_dir, "demo_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary

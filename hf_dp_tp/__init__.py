@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 # Public names -> the submodule that defines them. Imported on first use (PEP 562), so that
 # `import hf_dp_tp.controller` does not pull in transformers' Trainer.
 _EXPORTS = {
+    "Conv1DParallel": "tp_plans",
     "DPOptimizerTP": "optimizer",
     "DPTrainer": "trainer",
     "DPTrainingArguments": "arguments",
@@ -21,6 +22,7 @@ _EXPORTS = {
     "calibrate_noise_multiplier": "accounting",
     "destroy_process_groups": "parallel",
     "init_distributed": "parallel",
+    "gpt2_tp_plan": "tp_plans",
     "init_dp_tp_mesh": "parallel",
     "llama_sequence_parallel_plan": "parallel",
     "make_accountant": "accounting",
@@ -30,9 +32,11 @@ _EXPORTS = {
     "register_grad_sampler_alias": "grad_samplers",
     "resolve_mesh": "parallel",
     "save_lora_adapter": "lora",
+    "set_collective_timeout": "parallel",
 }
 
 __all__ = [
+    "Conv1DParallel",
     "DPOptimizerTP",
     "DPTrainer",
     "DPTrainingArguments",
@@ -45,6 +49,7 @@ __all__ = [
     "build_poisson_data_loader",
     "calibrate_noise_multiplier",
     "destroy_process_groups",
+    "gpt2_tp_plan",
     "init_distributed",
     "init_dp_tp_mesh",
     "llama_sequence_parallel_plan",
@@ -55,6 +60,7 @@ __all__ = [
     "register_grad_sampler_alias",
     "resolve_mesh",
     "save_lora_adapter",
+    "set_collective_timeout",
 ]
 
 
@@ -90,6 +96,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         init_dp_tp_mesh,
         llama_sequence_parallel_plan,
         resolve_mesh,
+        set_collective_timeout,
     )
     from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
+    from .tp_plans import Conv1DParallel, gpt2_tp_plan
     from .trainer import DPTrainer

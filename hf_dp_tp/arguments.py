@@ -5,7 +5,10 @@ Every field has ``metadata={"help": ...}``, so ``HfArgumentParser`` exposes it o
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -14,6 +17,54 @@ from transformers import TrainingArguments
 
 from .accounting import ACCOUNTANTS
 from .controller import GRAD_SAMPLE_MODES
+
+
+def _is_library_frame(code) -> bool:
+    """Frames of this package, transformers, dataclasses and dataclass-generated ``__init__``s
+    (``<string>``): a warning about an argument belongs to the user line that set it."""
+    import transformers
+
+    if code.co_filename == "<string>":
+        return code.co_name == "__init__"
+    prefixes = (
+        os.path.dirname(os.path.abspath(__file__)),
+        os.path.dirname(os.path.abspath(transformers.__file__)),
+        os.path.abspath(dataclasses.__file__),
+    )
+    return os.path.abspath(code.co_filename).startswith(prefixes)
+
+
+def warn_at_caller(message: str) -> None:
+    """``warnings.warn`` attributed to the first frame outside this package, transformers and
+    dataclasses: the user's ``DPTrainingArguments(...)`` or ``parse_args`` line, not
+    ``<string>:128``. Rank 0 only (every rank parses the same arguments); Python's default
+    filter then shows it once per line."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    frame, level = sys._getframe(1), 2
+    while frame is not None and _is_library_frame(frame.f_code):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+#: Trainer settings of the training loader that DPTrainer's Poisson loader replaces, with why.
+IGNORED_LOADER_SETTINGS = {
+    "dataloader_drop_last": (
+        lambda v: bool(v),
+        "no Poisson batch is ever dropped: each record joins each logical batch independently "
+        "with probability q (what the accountant assumes), and evaluation sees every record",
+    ),
+    "train_sampling_strategy": (
+        lambda v: v not in (None, "random"),
+        "Poisson sampling decides the training batches (each record independently with "
+        "probability q); grouping, ordering or rebalancing them would void the accounting",
+    ),
+    "data_seed": (
+        lambda v: v is not None,
+        "Poisson sampling decides the training batches, from dp_seed or a fresh secret seed "
+        "agreed by all ranks; data_seed and seed are public, and the batches must not be",
+    ),
+}
 
 
 @dataclass
@@ -26,7 +77,11 @@ class DPTrainingArguments(TrainingArguments):
     The expected global logical batch is ``per_device_train_batch_size ×
     gradient_accumulation_steps × dp_size`` with ``dp_size = world_size // tp_size``; the Poisson
     sampling rate is that divided by the dataset size. Trainer's own ``max_grad_norm`` does not
-    apply: clipping is per sample, at ``per_sample_max_grad_norm``.
+    apply: clipping is per sample, at ``per_sample_max_grad_norm``. Nor do the training-loader
+    settings ``dataloader_drop_last``, ``train_sampling_strategy`` and ``data_seed``: Poisson
+    sampling decides the batches (each is warned about once when set). ``ddp_timeout`` bounds
+    every collective of the run, DPTrainer's own included: a rank that stops responding makes
+    the others fail after that many seconds.
     """
 
     tp_size: int = field(
@@ -143,13 +198,17 @@ class DPTrainingArguments(TrainingArguments):
                 "gradients before they are clipped. Use bf16=True (no loss scaling) instead."
             )
         if self.max_grad_norm:
-            warnings.warn(
+            warn_at_caller(
                 f"max_grad_norm={self.max_grad_norm} is ignored by DPTrainer: gradients are "
                 "clipped per sample at per_sample_max_grad_norm="
-                f"{self.per_sample_max_grad_norm}.",
-                stacklevel=2,
+                f"{self.per_sample_max_grad_norm} (Trainer's batch-gradient clipping would act "
+                "on the non-private gradient)."
             )
             self.max_grad_norm = 0.0
+        for name, (is_set, why) in IGNORED_LOADER_SETTINGS.items():
+            value = getattr(self, name)
+            if is_set(value):
+                warn_at_caller(f"{name}={value!r} is ignored by DPTrainer: {why}.")
         if isinstance(self.tp_plan, str) and self.tp_plan.lower() in ("none", ""):
             self.tp_plan = None  # from the command line
         if self.average_tokens_across_devices:
@@ -161,11 +220,10 @@ class DPTrainingArguments(TrainingArguments):
         super().__post_init__()
         self._validate_privacy_settings()
         if self.dp_seed is not None:
-            warnings.warn(
+            warn_at_caller(
                 "dp_seed is set: the noise and the Poisson batches of this run are reproducible by "
                 "anyone who knows it, who can then subtract the noise from two checkpoints. Use it "
-                "for reproducibility tests only; it is never written under output_dir.",
-                stacklevel=2,
+                "for reproducibility tests only; it is never written under output_dir."
             )
 
     def to_dict(self) -> dict:

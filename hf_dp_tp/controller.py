@@ -236,9 +236,45 @@ def _mixing_error(name: str, module: nn.Module) -> UnsupportedLayoutError:
     )
 
 
-# Relative tolerance of the first-step self-check, by the dtype of the gradient.
-SELF_CHECK_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
+# Relative tolerance of the first-step self-check, by the dtype of the gradient. The check is for
+# structural mistakes (a weight used outside its module, a rule for another function: O(1)
+# errors). A float64 model's layers may still compute in fp32 inside (Gemma-style norms cast to
+# fp32 and back), so autograd's float64 gradient can carry fp32 rounding (~1e-7).
+SELF_CHECK_TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
 SELF_CHECK_HALF_TOLERANCE = 1e-1
+
+
+def _not_batch_first_message(name: str, shape: tuple[int, ...], batch: int) -> str:
+    """Why a module input whose dim 0 is not the batch cannot get per-sample gradients, told
+    from its shape: broadcast over the batch, batch and tokens flattened together, or
+    sequence-first."""
+    rows = shape[0]
+    head = (
+        f"module '{name}' got an input with dim 0 of size {rows} (shape {list(shape)}) while the "
+        f"model's batch is {batch}: per-sample gradients need the batch as dim 0 of every module "
+        "input."
+    )
+    if rows == 1:
+        return (
+            f"{head} Its dim 0 is 1: the input is broadcast over the batch (e.g. position ids "
+            "of shape [1, T]). Expand it to [B, ...] (pass position_ids of shape [B, T]) or freeze "
+            "the module."
+        )
+    if batch > 1 and rows % batch == 0 and len(shape) == 2:
+        return (
+            f"{head} Its dim 0 is {rows} = {batch} x {rows // batch}: the model flattens batch and "
+            f"tokens into one dim before this module ([B, T, H] -> [B·T, H], as OPT's decoder "
+            "MLP does with reshape(-1, hidden)), so each row is a token of some sample, and no "
+            "hook can tell which rows belong to which record. Freeze this module (e.g. train "
+            "LoRA adapters on the attention projections only, or requires_grad_(False) on the "
+            "flattened layers: OPT's fc1, fc2 and final_layer_norm), or use a model whose layers "
+            "keep [B, T, H]."
+        )
+    return (
+        f"{head} Either the input is broadcast over the batch, or the batch and token dims are "
+        "flattened together, or the model runs sequence-first (transpose to [B, T, ...], e.g. "
+        "batch_first=True); or freeze the module."
+    )
 
 
 class GradSampleControllerTP:
@@ -458,7 +494,10 @@ class GradSampleControllerTP:
         if self.loss_reduction == "mean":
             reduced = reduced / per_sample.shape[0]
         grad = grad.to(acc).reshape(reduced.shape)
-        scale = torch.maximum(grad.norm(), reduced.norm()).clamp_min(1e-30)
+        # A gradient that vanishes in exact arithmetic (a key bias: softmax ignores a shift shared
+        # by all keys) is rounding dust on both sides: compare against at least sqrt(eps).
+        floor = torch.finfo(acc).eps ** 0.5
+        scale = torch.maximum(grad.norm(), reduced.norm()).clamp_min(floor)
         error = ((grad - reduced).norm() / scale).item()
         # the coarsest precision involved sets the tolerance: bf16 parameters get bf16 autograd
         # gradients even when their per-sample gradients are kept in fp32
@@ -533,12 +572,7 @@ class GradSampleControllerTP:
         activation = activation.detach()
         if self._batch_size is not None and activation.shape[0] != self._batch_size:
             raise UnsupportedLayoutError(
-                f"module '{info.name}' got an input with dim 0 of size {activation.shape[0]} while "
-                f"the model's batch is {self._batch_size}: per-sample gradients need the batch as "
-                "dim 0 of every module input. Either the input is broadcast over the batch (e.g. "
-                "position ids without a batch dimension: expand them to [B, ...] or freeze the "
-                "module) or the model runs sequence-first (transpose to [B, T, ...], e.g. "
-                "batch_first=True)."
+                _not_batch_first_message(info.name, tuple(activation.shape), self._batch_size)
             )
         self._seen_batch_sizes.add(activation.shape[0])
         generation = self._generation

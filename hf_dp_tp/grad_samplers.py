@@ -11,13 +11,20 @@ controller attaches, naming the module, the parameter and its placement.
 
 Rules are looked up by exact module type (a subclass may compute something else). Opacus's
 sampler is reused for ``nn.RMSNorm``; linear, ``Conv1D``, embedding and layer-norm samplers are
-TP-aware and written here.
+TP-aware and written here, and so are the HF norm families (:data:`NORM_FAMILIES`: Llama-style,
+fp32 ``w`` or ``1 + w`` scaling as in Gemma, T5, Cohere), registered for the transformers classes
+they were written for.
+
+A rule attached to a class it was not written for — a subclass opted in with
+:func:`register_grad_sampler_alias`, or an HF norm class matched to a family — is first checked
+numerically: on a small probe input, its per-sample gradients must equal autograd's, sample by
+sample (:func:`verify_rule`). Nothing is decided by comparing source text.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +37,7 @@ from .parallel import ParamLayout
 Layouts = dict[str, ParamLayout]
 ComputeFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Layouts], dict[str, torch.Tensor]]
 CheckFn = Callable[[nn.Module, Layouts], None]
+ProbeFn = Callable[[nn.Module], torch.Tensor]
 
 
 class UnsupportedLayoutError(ValueError):
@@ -38,26 +46,42 @@ class UnsupportedLayoutError(ValueError):
 
 @dataclass(frozen=True)
 class GradSampler:
-    """``compute`` gives per-sample grads of one module call; ``check`` validates layouts early."""
+    """``compute`` gives per-sample grads of one module call; ``check`` validates layouts early;
+    ``probe_input`` (optional) builds a small float64 input for a module of the rule's kind, on
+    which :func:`verify_rule` checks the rule against autograd."""
 
     compute: ComputeFn
     check: CheckFn
+    probe_input: ProbeFn | None = None
 
 
 _BY_TYPE: dict[type, GradSampler] = {}
 _BY_PREDICATE: list[tuple[Callable[[nn.Module], bool], GradSampler]] = []
+# subclass -> the base whose rule it borrows, until a probe has verified it for the subclass
+_UNVERIFIED_ALIASES: dict[type, type] = {}
+# HF norm classes matched to a family by a probe (or found to match none: the reason)
+_MATCHED: dict[type, GradSampler | str] = {}
+
+#: Relative tolerance of the probe check (float64 probe; forwards may compute in fp32 inside).
+PROBE_TOLERANCE = 1e-5
 
 
 def register_grad_sampler(
-    target: type | Callable[[nn.Module], bool], *, check: CheckFn | None = None
+    target: type | Callable[[nn.Module], bool],
+    *,
+    check: CheckFn | None = None,
+    probe_input: ProbeFn | None = None,
 ) -> Callable[[ComputeFn], ComputeFn]:
     """Register ``compute(module, activation, backprops, layouts)`` for a module class (or for
-    every module a predicate accepts). Without ``check``, only replicated parameters are allowed."""
+    every module a predicate accepts). Without ``check``, only replicated parameters are allowed.
+    ``probe_input(module)`` (optional) lets subclasses aliased to this class be verified
+    numerically when they are attached (see :func:`register_grad_sampler_alias`)."""
 
     def decorator(fn: ComputeFn) -> ComputeFn:
-        sampler = GradSampler(fn, check or require_replicated)
+        sampler = GradSampler(fn, check or require_replicated, probe_input)
         if isinstance(target, type):
             _BY_TYPE[target] = sampler
+            _UNVERIFIED_ALIASES.pop(target, None)
         else:
             _BY_PREDICATE.append((target, sampler))
         return fn
@@ -68,29 +92,57 @@ def register_grad_sampler(
 def register_grad_sampler_alias(subclass: type, base: type) -> None:
     """Opt in: use ``base``'s rule for ``subclass`` (whose forward must compute the same function
     of its input and parameters). Rules are looked up by exact type, so a subclass is refused
-    until it is registered or aliased; the controller's first-step self-check then compares the
-    rule's per-sample gradients with autograd's gradient and refuses a mismatch."""
+    until it is registered or aliased. The rule was not written for ``subclass``: when the
+    controller attaches to one, the rule is first checked against autograd on a small probe input
+    (per-sample gradients, sample by sample; a mismatch is refused), then by the first-step
+    self-check on real data. Rules registered without ``probe_input`` get the self-check only."""
     if base not in _BY_TYPE:
         raise ValueError(f"{base.__name__} has no registered grad sampler to alias")
     if not issubclass(subclass, base):
         raise ValueError(f"{subclass.__name__} is not a subclass of {base.__name__}")
     _BY_TYPE[subclass] = _BY_TYPE[base]
+    _UNVERIFIED_ALIASES[subclass] = base
 
 
 def find_grad_sampler(module: nn.Module) -> GradSampler | None:
-    """The rule registered for exactly ``type(module)``, else the first predicate that accepts it.
+    """The rule for ``type(module)``: registered for exactly that class; written for it as an HF
+    norm family member; else the first predicate that accepts it; else, for an HF norm class, the
+    first family (or parent ``nn.LayerNorm``/``nn.RMSNorm`` rule) that passes the probe check.
 
     Raises:
-        UnsupportedLayoutError: for a subclass of a registered type: its ``forward`` may compute
-            something else (a scaled output, another input), and the parent's rule would give a
-            silently wrong per-sample gradient.
+        UnsupportedLayoutError: for a subclass of a registered type (its ``forward`` may compute
+            something else: a scaled output, another input; the parent's rule would give a
+            silently wrong per-sample gradient), for an aliased subclass whose forward fails the
+            probe check, and for an HF norm class that matches no family.
     """
     cls = type(module)
     if cls in _BY_TYPE:
-        return _BY_TYPE[cls]
+        sampler = _BY_TYPE[cls]
+        if cls in _UNVERIFIED_ALIASES:
+            base = _UNVERIFIED_ALIASES[cls]
+            error = verify_rule(module, sampler)
+            if error is not None:
+                raise UnsupportedLayoutError(
+                    f"{cls.__name__} was aliased to {base.__name__}'s rule, but on a probe input "
+                    f"that rule's per-sample gradients differ from autograd's ({error}): its "
+                    "forward computes another function. Register its own rule "
+                    "(hf_dp_tp.register_grad_sampler) or freeze it."
+                )
+            del _UNVERIFIED_ALIASES[cls]
+        return sampler
+    written = rule_written_for(cls)
+    if written is not None:
+        return written
     for predicate, sampler in _BY_PREDICATE:
         if predicate(module):
             return sampler
+    if _is_hf_candidate(module):
+        if cls not in _MATCHED:
+            _MATCHED[cls] = _match_by_probe(module)
+        matched = _MATCHED[cls]
+        if isinstance(matched, GradSampler):
+            return matched
+        raise UnsupportedLayoutError(matched)
     parent = next((base for base in cls.__mro__[1:] if base in _BY_TYPE), None)
     if parent is not None:
         raise UnsupportedLayoutError(
@@ -100,6 +152,108 @@ def find_grad_sampler(module: nn.Module) -> GradSampler | None:
             f"{parent.__name__}); otherwise register its own rule (hf_dp_tp.register_grad_sampler)"
             " or freeze it."
         )
+    return None
+
+
+def _match_by_probe(module: nn.Module) -> GradSampler | str:
+    """The first candidate rule that passes :func:`verify_rule` on ``module``'s class, else the
+    reason none did."""
+    tried = []
+    for name, sampler in _candidate_rules(module):
+        error = verify_rule(module, sampler)
+        if error is None:
+            return sampler
+        tried.append(f"{name}: {error}")
+    cls = type(module).__name__
+    return (
+        f"{cls} matches none of the rules for its kind of layer on a probe input, so it has no "
+        "per-sample gradient rule. Tried: "
+        + ("; ".join(tried) or "nothing applicable")
+        + ". Freeze it (requires_grad=False) or register a rule for it "
+        "(hf_dp_tp.register_grad_sampler)."
+    )
+
+
+def _stand_in(module: nn.Module) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """A shallow copy of ``module`` with fresh random float64 parameters (of the full, global
+    shapes) and float64 buffers: the class's own ``forward`` runs on it without touching the
+    model, its hooks, or any forward a TP style installed on the instance."""
+    g = torch.Generator().manual_seed(1)
+    stand_in = copy.copy(module)
+    params = {
+        name: nn.Parameter(
+            0.5 + torch.rand(tuple(p.shape), generator=g, dtype=torch.float64)
+            if p.is_floating_point()
+            else p.detach().clone()
+        )
+        for name, p in module._parameters.items()
+        if p is not None
+    }
+    buffers = {}
+    for name, b in module._buffers.items():
+        if b is None:
+            continue
+        if b.__class__ is not torch.Tensor and not isinstance(b, nn.Parameter):
+            raise UnsupportedLayoutError(f"buffer {name} is a {type(b).__name__}")
+        b = b.detach().cpu()
+        buffers[name] = b.to(torch.float64) if b.is_floating_point() else b.clone()
+    stand_in._parameters = dict(params)
+    stand_in._buffers = buffers
+    return stand_in, params
+
+
+def verify_rule(module: nn.Module, sampler: GradSampler) -> str | None:
+    """Check ``sampler`` against autograd on ``type(module)``'s own forward: on a float64 probe
+    of two samples (built by ``sampler.probe_input``) with random output gradients, the rule's
+    per-sample gradients must equal each sample's autograd gradient to ``PROBE_TOLERANCE``.
+    Returns None if they do (or if the rule has no probe input: the controller's first-step
+    self-check then remains the only check), else what differed."""
+    if sampler.probe_input is None:
+        return None
+    cls = type(module)
+    try:
+        stand_in, params = _stand_in(module)
+        x = sampler.probe_input(stand_in)
+        with torch.enable_grad():
+            out = cls.forward(stand_in, x)
+            if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
+                return "its forward does not return one tensor with the batch as dim 0"
+            g = torch.Generator().manual_seed(2)
+            cotangent = torch.randn(out.shape, generator=g, dtype=out.dtype)
+            names = list(params)
+            expected = {name: [] for name in names}
+            for i in range(x.shape[0]):
+                sample_out = cls.forward(stand_in, x[i : i + 1])
+                scale = out[i : i + 1].detach().abs().max().clamp_min(1e-30)
+                if not (sample_out.detach() - out[i : i + 1].detach()).abs().max() <= (
+                    PROBE_TOLERANCE * scale
+                ):
+                    return "its forward mixes samples (a sample's output depends on the others)"
+                grads = torch.autograd.grad(
+                    (sample_out * cotangent[i : i + 1]).sum(),
+                    [params[n] for n in names],
+                    allow_unused=True,
+                )
+                for name, grad in zip(names, grads, strict=True):
+                    expected[name].append(
+                        torch.zeros_like(params[name]) if grad is None else grad.detach()
+                    )
+        from .parallel import ParamLayout
+
+        layouts = {n: ParamLayout(tuple(p.shape), tuple(p.shape)) for n, p in params.items()}
+        with torch.no_grad():
+            got = sampler.compute(stand_in, x, cotangent, layouts)
+    except Exception as err:  # any failure to run the probe is a failed check
+        return f"the probe failed: {type(err).__name__}: {err}"
+    for name in names:
+        want = torch.stack(expected[name]).double()
+        have = got.get(name)
+        if have is None or tuple(have.shape) != tuple(want.shape):
+            shape = None if have is None else tuple(have.shape)
+            return f"'{name}': per-sample gradient of shape {shape}, expected {tuple(want.shape)}"
+        error = ((have.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+        if not error <= PROBE_TOLERANCE:
+            return f"'{name}': relative error {error:.3g}"
     return None
 
 
@@ -127,7 +281,7 @@ def _local_slice(
     if size == layout.length and size != full:
         return t
     if size == full:
-        return t.narrow(dim, layout.offset, layout.length)
+        return layout.take_local(t, dim)
     raise UnsupportedLayoutError(
         f"{what} has width {size} on dim {dim}; expected the full width {full} or this rank's "
         f"shard width {layout.length}."
@@ -189,7 +343,17 @@ def _check_dense(module: nn.Module, layouts: Layouts, weight_out_dim: int) -> No
         )
 
 
-@register_grad_sampler(nn.Linear, check=lambda m, lay: _check_dense(m, lay, 0))
+def _features_probe(width: int) -> torch.Tensor:
+    """Two samples of three tokens, of very different scales, in float64."""
+    x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return x * torch.tensor([1.0, 1e-3], dtype=torch.float64).view(2, 1, 1)
+
+
+@register_grad_sampler(
+    nn.Linear,
+    check=lambda m, lay: _check_dense(m, lay, 0),
+    probe_input=lambda m: _features_probe(m.in_features),
+)
 def linear_grad_sample(
     layer: nn.Linear, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
 ) -> dict[str, torch.Tensor]:
@@ -207,7 +371,11 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
-@register_grad_sampler(_is_hf_conv1d, check=lambda m, lay: _check_dense(m, lay, 1))
+@register_grad_sampler(
+    _is_hf_conv1d,
+    check=lambda m, lay: _check_dense(m, lay, 1),
+    probe_input=lambda m: _features_probe(m.nx),
+)
 def conv1d_grad_sample(
     layer: nn.Module, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
 ) -> dict[str, torch.Tensor]:
@@ -224,6 +392,8 @@ def conv1d_grad_sample(
 
 # --------------------------------------------------------------------------- embeddings
 def _check_embedding(module: nn.Module, layouts: Layouts) -> None:
+    if any(layout.split_factor != 1 for layout in layouts.values()):
+        raise UnsupportedLayoutError("a packed (_StridedShard) embedding")
     if getattr(module, "sparse", False) or getattr(module, "scale_grad_by_freq", False):
         raise UnsupportedLayoutError("embeddings with sparse=True or scale_grad_by_freq=True")
     if getattr(module, "max_norm", None) is not None:
@@ -232,7 +402,13 @@ def _check_embedding(module: nn.Module, layouts: Layouts) -> None:
         )
 
 
-@register_grad_sampler(nn.Embedding, check=_check_embedding)
+@register_grad_sampler(
+    nn.Embedding,
+    check=_check_embedding,
+    probe_input=lambda m: torch.randint(
+        0, m.num_embeddings, (2, 3), generator=torch.Generator().manual_seed(0)
+    ),
+)
 def embedding_grad_sample(
     layer: nn.Embedding, ids: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
 ) -> dict[str, torch.Tensor]:
@@ -264,12 +440,34 @@ def embedding_grad_sample(
 def _norm_feature_check(
     layer: nn.Module, activation: torch.Tensor, backprops: torch.Tensor
 ) -> None:
-    width = layer.weight.shape[-1]
-    if activation.shape[-1] != width or backprops.shape[-1] != width:
-        raise UnsupportedLayoutError(
-            f"{type(layer).__name__} sees features of width {activation.shape[-1]} but normalises "
-            f"{width}: a norm over a feature-sharded activation is not supported."
-        )
+    shape = tuple(layer.weight.shape)
+    for what, t in (("features", activation), ("output gradients", backprops)):
+        if tuple(t.shape[t.ndim - len(shape) :]) != shape:
+            raise UnsupportedLayoutError(
+                f"{type(layer).__name__} sees {what} of trailing shape "
+                f"{tuple(t.shape[t.ndim - len(shape) :])} but its weight has shape {shape}: a "
+                "norm over a feature-sharded activation is not supported."
+            )
+
+
+def _norm_probe_input(layer: nn.Module) -> torch.Tensor:
+    """Two samples of three tokens over the weight's trailing shape, of very different scales
+    (the second comparable to eps), so a wrong eps or a cross-sample statistic shows."""
+    shape = tuple(layer.weight.shape) if isinstance(layer.weight, torch.Tensor) else ()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *shape, generator=g, dtype=torch.float64)
+    return x * torch.tensor([1.0, 1e-3], dtype=torch.float64).view(2, *([1] * (x.ndim - 1)))
+
+
+def _token_sum_of_products(
+    layer: nn.Module, x_hat: torch.Tensor, backprops: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_tokens g ⊙ x̂`` per sample, over every dim between the batch and the weight's dims,
+    accumulated in at least fp32."""
+    acc = torch.promote_types(torch.promote_types(backprops.dtype, x_hat.dtype), torch.float32)
+    per_token = backprops.to(acc) * x_hat.to(acc)
+    token_dims = tuple(range(1, per_token.ndim - layer.weight.ndim))
+    return per_token.sum(token_dims) if token_dims else per_token
 
 
 def _by_param_name(
@@ -279,7 +477,7 @@ def _by_param_name(
     return {names[id(p)]: g for p, g in grads.items()}
 
 
-@register_grad_sampler(nn.LayerNorm)
+@register_grad_sampler(nn.LayerNorm, probe_input=_norm_probe_input)
 def layer_norm_grad_sample(
     layer: nn.LayerNorm, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
 ) -> dict[str, torch.Tensor]:
@@ -299,7 +497,7 @@ def layer_norm_grad_sample(
     return out
 
 
-@register_grad_sampler(nn.RMSNorm)
+@register_grad_sampler(nn.RMSNorm, probe_input=_norm_probe_input)
 def rms_norm_grad_sample(
     layer: nn.RMSNorm, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
 ) -> dict[str, torch.Tensor]:
@@ -310,46 +508,230 @@ def rms_norm_grad_sample(
     return {k: v for k, v in _by_param_name(layer, grads).items() if k in layouts}
 
 
-@functools.cache
-def _llama_rmsnorm_forward_source() -> str | None:
-    try:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    except ImportError:  # pragma: no cover - transformers always ships Llama
-        return None
-    return inspect.getsource(LlamaRMSNorm.forward)
+# HF norm families. Each computes ``y = s(w) ⊙ x̂`` with ``s(w) = w`` or ``1 + w`` (Gemma): either
+# way ``∂y/∂w = x̂``, so a family is the normalised input x̂ in the precision the model multiplies
+# it by the weight, and the per-sample gradient of the weight is ``Σ_tokens g ⊙ x̂``.
+def _eps(layer: nn.Module) -> float:
+    eps = getattr(layer, "variance_epsilon", None)
+    return getattr(layer, "eps", 1e-6) if eps is None else eps
 
 
-_HF_RMSNORM_CACHE: dict[type, bool] = {}
+def _rms_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _eps(layer))
 
 
-def is_llama_style_rmsnorm(module: nn.Module) -> bool:
-    """HF RMSNorm classes whose forward is Llama's ``weight * (x * rsqrt(mean(x^2) + eps))``
-    computed in fp32 and cast back (Llama, Qwen2, Qwen3, Mistral, ... copy it verbatim)."""
-    cls = type(module)
-    if cls not in _HF_RMSNORM_CACHE:
-        same = False
-        reference = _llama_rmsnorm_forward_source() if cls.__name__.endswith("RMSNorm") else None
-        if reference is not None:
-            try:
-                same = inspect.getsource(cls.forward) == reference
-            except (OSError, TypeError):
-                same = False
-        _HF_RMSNORM_CACHE[cls] = same
-    return _HF_RMSNORM_CACHE[cls]
+def _x_hat_llama(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _rms_fp32(layer, x).to(x.dtype)
 
 
-@register_grad_sampler(is_llama_style_rmsnorm)
-def llama_rmsnorm_grad_sample(
-    layer: nn.Module, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
+def _x_hat_t5(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    x_hat = x * torch.rsqrt(variance + _eps(layer))
+    if layer.weight.dtype in (torch.float16, torch.bfloat16):
+        x_hat = x_hat.to(layer.weight.dtype)
+    return x_hat
+
+
+def _x_hat_layer_norm_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    centred = x - x.mean(-1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + _eps(layer))
+
+
+@dataclass(frozen=True)
+class NormFamily:
+    """``y = s(w) ⊙ x̂(x)`` for a family of HF norm classes: ``x_hat`` gives x̂ as the model
+    computes it (dtype included); ``classes`` are the transformers classes written this way."""
+
+    name: str
+    formula: str
+    x_hat: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    classes: tuple[str, ...]
+
+    def grad_sample(
+        self, layer: nn.Module, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        _norm_feature_check(layer, activation, backprops)
+        if "weight" in layouts:
+            x_hat = self.x_hat(layer, activation)
+            out["weight"] = _token_sum_of_products(layer, x_hat, backprops)
+        if "bias" in layouts:
+            out["bias"] = _token_sum_of_products(layer, torch.ones_like(backprops[:1]), backprops)
+        return out
+
+    @functools.cached_property
+    def sampler(self) -> GradSampler:
+        return GradSampler(self.grad_sample, require_replicated, _norm_probe_input)
+
+
+def _hf(*names: str) -> tuple[str, ...]:
+    """``"llama.LlamaRMSNorm"`` -> ``"transformers.models.llama.modeling_llama.LlamaRMSNorm"``."""
+    out = []
+    for name in names:
+        module, cls = name.split(".")
+        out.append(f"transformers.models.{module}.modeling_{module}.{cls}")
+    return tuple(out)
+
+
+#: The HF norm families, with the classes each rule is written for (checked against the installed
+#: transformers by the tests). Other HF norm classes are matched to a family by a probe.
+NORM_FAMILIES = (
+    NormFamily(
+        "llama",
+        "w * (x * rsqrt(mean(x²) + eps)) with x̂ in fp32, cast to the input dtype first",
+        _x_hat_llama,
+        _hf(
+            "llama.LlamaRMSNorm",
+            "llama4.Llama4TextRMSNorm",
+            "mistral.MistralRMSNorm",
+            "mixtral.MixtralRMSNorm",
+            "ministral.MinistralRMSNorm",
+            "qwen2.Qwen2RMSNorm",
+            "qwen2_moe.Qwen2MoeRMSNorm",
+            "qwen3.Qwen3RMSNorm",
+            "qwen3_moe.Qwen3MoeRMSNorm",
+            "phi3.Phi3RMSNorm",
+            "granite.GraniteRMSNorm",
+            "granitemoe.GraniteMoeRMSNorm",
+            "deepseek_v2.DeepseekV2RMSNorm",
+            "deepseek_v3.DeepseekV3RMSNorm",
+            "smollm3.SmolLM3RMSNorm",
+            "glm.GlmRMSNorm",
+            "glm4.Glm4RMSNorm",
+            "exaone4.Exaone4RMSNorm",
+            "seed_oss.SeedOssRMSNorm",
+        ),
+    ),
+    NormFamily(
+        "fp32_scale",
+        "(w or 1 + w) * (x * rsqrt(mean(x²) + eps)), all in fp32, cast to the input dtype last",
+        _rms_fp32,
+        _hf(
+            "gemma.GemmaRMSNorm",
+            "gemma2.Gemma2RMSNorm",
+            "gemma3.Gemma3RMSNorm",
+            "recurrent_gemma.RecurrentGemmaRMSNorm",
+            "vaultgemma.VaultGemmaRMSNorm",
+            "qwen3_next.Qwen3NextRMSNorm",
+            "olmo2.Olmo2RMSNorm",
+            "olmo3.Olmo3RMSNorm",
+            "gpt_oss.GptOssRMSNorm",
+            "helium.HeliumRMSNorm",
+        ),
+    ),
+    NormFamily(
+        "t5",
+        "w * (x * rsqrt(mean(x²) in fp32 + eps)), cast to a half-precision weight's dtype",
+        _x_hat_t5,
+        _hf(
+            "t5.T5LayerNorm",
+            "mt5.MT5LayerNorm",
+            "umt5.UMT5LayerNorm",
+            "longt5.LongT5LayerNorm",
+            "switch_transformers.SwitchTransformersLayerNorm",
+            "pix2struct.Pix2StructLayerNorm",
+        ),
+    ),
+    NormFamily(
+        "fp32_layer_norm",
+        "w * ((x - mean) * rsqrt(var + eps)) in fp32, no bias, weight [..., D] (Cohere)",
+        _x_hat_layer_norm_fp32,
+        _hf("cohere.CohereLayerNorm", "cohere2.Cohere2LayerNorm"),
+    ),
+)
+# Tried (by probe only) on HF layer norms with a bias: w * x̂ + b in fp32 (DeBERTa-style).
+_AFFINE_LAYER_NORM = NormFamily(
+    "fp32_affine_layer_norm",
+    "w * ((x - mean) * rsqrt(var + eps)) + b in fp32",
+    _x_hat_layer_norm_fp32,
+    (),
+)
+
+
+# HF scaled word embeddings (Gemma, BART, ...): ``y = E[ids] · s`` with a constant ``embed_scale``.
+def _embed_scale(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | float:
+    scale = layer.embed_scale
+    return scale.to(dtype) if isinstance(scale, torch.Tensor) else scale
+
+
+def _check_scaled_embedding(module: nn.Module, layouts: Layouts) -> None:
+    _check_embedding(module, layouts)
+    if isinstance(getattr(module, "embed_scale", None), nn.Parameter):
+        raise UnsupportedLayoutError("a trainable embed_scale")
+
+
+def scaled_embedding_grad_sample(
+    layer: nn.Embedding, ids: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
 ) -> dict[str, torch.Tensor]:
-    """``d/dw (w * x̂) = x̂`` with x̂ normalised in fp32 and cast to the input dtype, as the model
-    computes it; the token sum is accumulated in fp32."""
-    if "weight" not in layouts:
-        return {}
-    _norm_feature_check(layer, activation, backprops)
-    x = activation.float()
-    x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)
-    acc = torch.promote_types(backprops.dtype, torch.float32)
-    per_token = backprops.to(acc) * x_hat.to(activation.dtype).to(acc)
-    token_dims = tuple(range(1, per_token.ndim - 1))
-    return {"weight": per_token.sum(token_dims) if token_dims else per_token}
+    """``y = E[ids] · s``: the embedding rule on ``s · g``."""
+    scale = _embed_scale(layer, backprops.dtype)
+    return embedding_grad_sample(layer, ids, backprops * scale, layouts)
+
+
+SCALED_EMBEDDING = GradSampler(
+    scaled_embedding_grad_sample, _check_scaled_embedding, _BY_TYPE[nn.Embedding].probe_input
+)
+_SCALED_EMBEDDING_CLASSES = _hf(
+    "gemma.GemmaTextScaledWordEmbedding",
+    "gemma2.Gemma2TextScaledWordEmbedding",
+    "gemma3.Gemma3TextScaledWordEmbedding",
+    "vaultgemma.VaultGemmaTextScaledWordEmbedding",
+    "bart.BartScaledWordEmbedding",
+    "mbart.MBartScaledWordEmbedding",
+)
+
+#: transformers classes -> the rule written for them (qualified class names: nothing imported).
+_WRITTEN_FOR: dict[str, GradSampler] = {
+    **{name: family.sampler for family in NORM_FAMILIES for name in family.classes},
+    **dict.fromkeys(_SCALED_EMBEDDING_CLASSES, SCALED_EMBEDDING),
+}
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def rule_written_for(cls: type) -> GradSampler | None:
+    """The rule written for the transformers class ``cls`` (an HF norm family member or a
+    scaled word embedding), by its qualified name; else None."""
+    return _WRITTEN_FOR.get(_qualified_name(cls))
+
+
+def _is_hf_candidate(module: nn.Module) -> bool:
+    """A transformers layer no rule was written for, worth matching to one on a probe: a class
+    named ``*Norm*`` whose only parameters are a weight (and a bias), or a subclass of
+    ``nn.Embedding``."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.") or any(True for _ in module.children()):
+        return False
+    if isinstance(module, nn.Embedding):
+        return True
+    names = {n for n, _ in module.named_parameters(recurse=False)}
+    weight = getattr(module, "weight", None)
+    return (
+        "Norm" in cls.__name__
+        and "weight" in names
+        and names <= {"weight", "bias"}
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim >= 1
+    )
+
+
+def _candidate_rules(module: nn.Module) -> list[tuple[str, GradSampler]]:
+    """Rules to try on an HF layer that none was written for, most common first."""
+    if isinstance(module, nn.Embedding):
+        candidates = [("nn.Embedding", _BY_TYPE[nn.Embedding])]
+        if hasattr(module, "embed_scale"):
+            candidates.append(("scaled embedding (E[ids] * embed_scale)", SCALED_EMBEDDING))
+        return candidates
+    names = {n for n, _ in module.named_parameters(recurse=False)}
+    candidates = []
+    if isinstance(module, nn.LayerNorm):
+        candidates.append(("nn.LayerNorm", _BY_TYPE[nn.LayerNorm]))
+    if isinstance(module, nn.RMSNorm):
+        candidates.append(("nn.RMSNorm", _BY_TYPE[nn.RMSNorm]))
+    families = NORM_FAMILIES if names == {"weight"} else (_AFFINE_LAYER_NORM,)
+    candidates += [(f"{family.name} ({family.formula})", family.sampler) for family in families]
+    return candidates

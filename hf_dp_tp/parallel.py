@@ -18,26 +18,42 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 DP_DIM = "dp"
 TP_DIM = "tp"
 
 
-def init_distributed() -> torch.device:
+def init_distributed(timeout: timedelta | None = None) -> torch.device:
     """Initialise torch.distributed from the launcher's environment (torchrun, accelerate) and
     return this process's device: NCCL with one GPU per process when the node has at least as
-    many GPUs as local processes, otherwise gloo on CPU with the cores split between them."""
+    many GPUs as local processes, otherwise gloo on CPU with the cores split between them.
+
+    ``timeout`` bounds every collective on the default group (torch's default otherwise: 30 min
+    for gloo, 10 min for NCCL): a rank that stops responding makes the others fail after it."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    kwargs = {} if timeout is None else {"timeout": timeout}
     if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", **kwargs)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **kwargs)
     return device
+
+
+def set_collective_timeout(timeout: timedelta, group: dist.ProcessGroup | None = None) -> None:
+    """Bound every later collective on ``group`` (default: the default group) by ``timeout``.
+
+    Sub-groups (``new_group``, a ``DeviceMesh``'s dims) do not inherit the default group's
+    timeout, and accelerate does not pass ``ddp_timeout`` on to CPU (gloo) runs; this sets it
+    after the fact."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is not None:
+        setter(timeout, group)
 
 
 def destroy_process_groups(timeout: timedelta = timedelta(seconds=60)) -> None:
@@ -56,10 +72,14 @@ def destroy_process_groups(timeout: timedelta = timedelta(seconds=60)) -> None:
     dist.destroy_process_group()
 
 
-def init_dp_tp_mesh(tp_size: int, device_type: str | None = None) -> DeviceMesh:
+def init_dp_tp_mesh(
+    tp_size: int, device_type: str | None = None, timeout: timedelta | None = None
+) -> DeviceMesh:
     """Build the 2-D ``("dp", "tp")`` mesh over all ranks: ``dp_size = world_size // tp_size``.
 
     TP groups are blocks of ``tp_size`` consecutive ranks (ranks on one node share the fast links).
+    ``timeout`` bounds every collective on the mesh's groups (they do not inherit the default
+    group's timeout: without it, torch's default applies).
     """
     if not dist.is_initialized():
         raise RuntimeError("init_dp_tp_mesh needs torch.distributed to be initialised first.")
@@ -71,9 +91,13 @@ def init_dp_tp_mesh(tp_size: int, device_type: str | None = None) -> DeviceMesh:
         )
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(
+    mesh = init_device_mesh(
         device_type, (world // tp_size, tp_size), mesh_dim_names=(DP_DIM, TP_DIM)
     )
+    if timeout is not None:
+        for dim in (DP_DIM, TP_DIM):
+            set_collective_timeout(timeout, mesh[dim].get_group())
+    return mesh
 
 
 @dataclass(frozen=True)
@@ -212,7 +236,10 @@ class ParamLayout:
     """Where this rank's local piece of a parameter sits in the full parameter.
 
     ``shard_dim`` is None for a replicated parameter (every TP rank holds all of it); otherwise the
-    local tensor is ``full.narrow(shard_dim, offset, length)``.
+    local tensor is ``full.narrow(shard_dim, offset, length)`` — or, for a packed parameter
+    (``split_factor`` s > 1, DTensor ``_StridedShard``: e.g. a fused q|k|v projection), the
+    concatenation over the s equal blocks of ``shard_dim`` of each block's slice ``(offset,
+    length / s)``.
     """
 
     global_shape: tuple[int, ...]
@@ -220,13 +247,30 @@ class ParamLayout:
     shard_dim: int | None = None
     offset: int = 0
     length: int = 0
+    split_factor: int = 1
 
     @property
     def sharded(self) -> bool:
         return self.shard_dim is not None
 
     def describe(self) -> str:
-        return "Replicate()" if self.shard_dim is None else f"Shard({self.shard_dim})"
+        if self.shard_dim is None:
+            return "Replicate()"
+        if self.split_factor != 1:
+            return f"_StridedShard({self.shard_dim}, split_factor={self.split_factor})"
+        return f"Shard({self.shard_dim})"
+
+    def take_local(self, full: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's piece of ``full`` (full size along ``dim``, which stands for
+        ``shard_dim``)."""
+        if self.split_factor == 1:
+            return full.narrow(dim, self.offset, self.length)
+        block = full.shape[dim] // self.split_factor
+        piece = self.length // self.split_factor
+        return torch.cat(
+            [full.narrow(dim, k * block + self.offset, piece) for k in range(self.split_factor)],
+            dim=dim,
+        )
 
 
 def shard_extent(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -271,6 +315,18 @@ def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
     local_shape = tuple(param.to_local().shape)
     if isinstance(placement, Replicate):
         return ParamLayout(global_shape, local_shape)
+    if isinstance(placement, _StridedShard):
+        dim = placement.dim % param.ndim
+        factor = placement.split_factor
+        mesh = param.device_mesh
+        block, uneven = divmod(global_shape[dim], factor)
+        offset, piece = shard_extent(block, mesh.get_local_rank(), mesh.size())
+        if uneven or block % mesh.size() != 0 or local_shape[dim] != piece * factor:
+            raise ValueError(
+                f"{name}: {placement} of size {global_shape[dim]} over {mesh.size()} ranks: only "
+                "packed dims whose blocks split evenly over the TP ranks are supported."
+            )
+        return ParamLayout(global_shape, local_shape, dim, offset, piece * factor, factor)
     if isinstance(placement, Shard):
         dim = placement.dim % param.ndim
         size = global_shape[dim]
@@ -356,13 +412,13 @@ def apply_tp_plan(
 
     if tp_mesh.ndim != 1:
         raise ValueError("apply_tp_plan needs the 1-D TP mesh (device_mesh['tp']).")
-    if plan == "auto":
+    from_model = plan == "auto"
+    if from_model:
         plan = dict(getattr(model, "tp_plan", None) or {})
         if not plan:
             raise ValueError(
                 f"{type(model).__name__} has no HF tp_plan, so tp_plan='auto' cannot shard it. "
-                "Pass an explicit plan, e.g. {'transformer.h.*.mlp.c_fc': ColwiseParallel(), ...} "
-                "(module name patterns to torch ParallelStyle objects or HF style names)."
+                + _explicit_plan_hint(model)
             )
     if not isinstance(plan, dict):
         raise TypeError(f"tp plan must be 'auto' or a dict, got {type(plan).__name__}")
@@ -389,10 +445,13 @@ def apply_tp_plan(
             hf_plan[name] = style
         else:
             raise TypeError(f"plan entry {key!r}: expected a style name or ParallelStyle")
-    if unused := set(plan) - used:
+    # an HF plan lists every module its architecture may have (dense and MoE MLPs, optional
+    # norms): only a plan the user wrote must match in full
+    if (unused := set(plan) - used) and not from_model:
         raise ValueError(
             f"TP plan entries {sorted(unused)} match no module of {type(model).__name__}."
         )
+    _check_styles_fit_modules(model, {**hf_plan, **torch_plan})
     tied = _tied_parameter_names(model)
     modules_by_name = dict(model.named_modules())
     if hf_plan:
@@ -415,6 +474,61 @@ def apply_tp_plan(
         parallelize_module(model, tp_mesh, torch_plan)
     _retie(model, tied)
     return model
+
+
+def _has_conv1d(model: nn.Module) -> bool:
+    from .tp_plans import is_conv1d
+
+    return any(is_conv1d(m) for m in model.modules())
+
+
+def _explicit_plan_hint(model: nn.Module) -> str:
+    """How to shard a model without an HF plan: only suggestions that work for its layers."""
+    if _has_conv1d(model):
+        return (
+            "Its layers are transformers Conv1D (GPT-2 style, weight [in, out]), which neither "
+            "the HF style names nor torch's ColwiseParallel/RowwiseParallel can shard. For a "
+            "GPT-2-architecture model pass tp_plan=hf_dp_tp.gpt2_tp_plan(); for another Conv1D "
+            "model write a plan with hf_dp_tp.Conv1DParallel('colwise' | 'rowwise') for its "
+            "Conv1D layers (packed=3 for a fused q|k|v projection). Or train without TP "
+            "(tp_size=1, grad_sample_mode='hooks')."
+        )
+    return (
+        "Pass an explicit plan: module name patterns (with * for layer numbers) to HF style names "
+        "for nn.Linear / nn.Embedding layers, e.g. {'model.layers.*.mlp.up_proj': 'colwise', "
+        "'model.layers.*.mlp.down_proj': 'rowwise', ...}, or torch ParallelStyle objects "
+        "(ColwiseParallel(), RowwiseParallel(), ...). Or train without TP (tp_size=1, "
+        "grad_sample_mode='hooks')."
+    )
+
+
+def _check_styles_fit_modules(model: nn.Module, styles: dict[str, object]) -> None:
+    """Refuse, before anything is sharded, a style that cannot shard its module (the failure
+    would otherwise come from deep inside torch or transformers)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from .tp_plans import Conv1DParallel, is_conv1d
+
+    linear_styles = {"colwise", "rowwise", "colwise_rep", "rowwise_rep", "colwise_gather_output"}
+    modules = dict(model.named_modules())
+    for name, style in styles.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        if is_conv1d(module) and (
+            isinstance(style, (ColwiseParallel, RowwiseParallel)) or style in linear_styles
+        ):
+            kind = "rowwise" if "rowwise" in str(style).lower() else "colwise"
+            raise ValueError(
+                f"{name} is a transformers Conv1D (weight [in, out]): {style!r} shards nn.Linear "
+                f"only. Use hf_dp_tp.Conv1DParallel({kind!r}) for it (or, for a GPT-2 model, "
+                "tp_plan=hf_dp_tp.gpt2_tp_plan())."
+            )
+        if isinstance(style, Conv1DParallel) and not is_conv1d(module):
+            raise ValueError(
+                f"{name} is a {type(module).__name__}, not a transformers Conv1D: "
+                "Conv1DParallel does not apply; use ColwiseParallel/RowwiseParallel or an HF style."
+            )
 
 
 def _install_hf_styles(model: nn.Module, tp_mesh: DeviceMesh, hf_plan: dict[str, str]) -> None:

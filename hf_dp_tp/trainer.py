@@ -59,6 +59,7 @@ from .parallel import (
     has_dtensor_parameters,
     init_dp_tp_mesh,
     resolve_mesh,
+    set_collective_timeout,
 )
 from .privacy_plan import LedgerError, PrivacyPlan, check_dataset_size, read_ledger
 from .randomness import share_key, share_seed
@@ -253,7 +254,11 @@ class DPTrainer(Trainer):
                 )
             return None
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        return init_dp_tp_mesh(args.tp_size, device_type)
+        # ddp_timeout bounds every collective of the run, DPTrainer's own included (accelerate
+        # does not pass it on for CPU runs, and mesh sub-groups never inherit it): a rank that
+        # stops responding makes its peers fail after ddp_timeout seconds, with an error.
+        set_collective_timeout(args.ddp_timeout_delta)
+        return init_dp_tp_mesh(args.tp_size, device_type, timeout=args.ddp_timeout_delta)
 
     def _parallelize(self, model: nn.Module, args: DPTrainingArguments) -> nn.Module:
         config = getattr(model, "config", None)

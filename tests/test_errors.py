@@ -659,12 +659,34 @@ def _errors_worker(rank: int, world: int) -> dict[str, str]:
         torch.manual_seed(0)
         return GPT2LMHeadModel(GPT2Config(**GPT2_TINY))
 
+    # the message suggests only plans that work: for a Conv1D model, the shipped GPT-2 plan
     _expect(
         results,
         "auto_plan_without_hf_tp_plan",
         ValueError,
-        r"GPT2LMHeadModel has no HF tp_plan.*Pass an explicit plan.*ColwiseParallel",
+        r"GPT2LMHeadModel has no HF tp_plan.*Conv1D.*tp_plan=hf_dp_tp\.gpt2_tp_plan\(\)",
         lambda: apply_tp_plan(gpt2(), tp, "auto"),
+    )
+    _expect(
+        results,
+        "auto_plan_without_hf_tp_plan_linear",
+        ValueError,
+        r"Pair has no HF tp_plan.*'colwise'.*ColwiseParallel",
+        lambda: apply_tp_plan(Pair(), tp, "auto"),
+    )
+    _expect(
+        results,
+        "linear_style_on_conv1d",
+        ValueError,
+        r"transformer\.h\.0\.mlp\.c_fc is a transformers Conv1D.*Conv1DParallel\('colwise'\)",
+        lambda: apply_tp_plan(gpt2(), tp, {"transformer.h.*.mlp.c_fc": ColwiseParallel()}),
+    )
+    _expect(
+        results,
+        "hf_linear_style_on_conv1d",
+        ValueError,
+        r"c_proj is a transformers Conv1D.*'rowwise' shards nn\.Linear.*Conv1DParallel\('rowwise'\)",
+        lambda: apply_tp_plan(gpt2(), tp, {"transformer.h.*.mlp.c_proj": "rowwise"}),
     )
     _expect(
         results,
@@ -726,6 +748,9 @@ DIST_CHECKS = [
     "hf_style_all_reduce_apply_tp_plan",
     "plain_linear_sees_local_slice",
     "auto_plan_without_hf_tp_plan",
+    "auto_plan_without_hf_tp_plan_linear",
+    "linear_style_on_conv1d",
+    "hf_linear_style_on_conv1d",
     "plan_entry_matches_nothing",
     "unknown_hf_style",
     "plan_not_a_dict",

@@ -39,6 +39,10 @@ def _script():
     return _load_module("finetune_causal_lm", EXAMPLES / "finetune_causal_lm.py")
 
 
+def script_prompt() -> str:
+    return _script().DEMO_PROMPT
+
+
 def test_shipped_notes_are_what_the_generator_writes(tmp_path, monkeypatch):
     gen = _load_module("generate_clinic_notes", DATA / "generate_clinic_notes.py")
     monkeypatch.setattr(gen, "NOTES_DIR", tmp_path)
@@ -65,10 +69,28 @@ def test_shipped_tokenizer_and_config_fit_the_notes():
     encoded = tokenizer(list(notes["train"]["text"]) + list(notes["validation"]["text"]))[
         "input_ids"
     ]
-    assert max(len(ids) for ids in encoded) <= 128  # the demo never truncates a note
-    assert all(ids[0] == 1 and ids[-1] == 2 for ids in encoded)
+    assert max(len(ids) for ids in encoded) < 128  # the demo never truncates a note
+    # <s> first; no </s>: a prompt encoded for generation must not end the text
+    assert all(ids[0] == 1 and 2 not in ids for ids in encoded)
     text = notes["train"][0]["text"]
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_training_records_end_with_eos_unless_truncated():
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
+    script = _script()
+    tokenizer = AutoTokenizer.from_pretrained(str(DATA / "tokenizer"))
+    texts = ["Follow-up in 2 weeks.", "Non-smoker. " * 40]
+    raw = DatasetDict(train=Dataset.from_dict({"text": texts}))
+    args = script.parse_args(["--output_dir", "x"])[2]
+    data_args = script.DataArguments(max_seq_length=32)
+    short, long = script.tokenize(raw, tokenizer, data_args, args)["train"]
+    plain = tokenizer(texts[0])["input_ids"]
+    assert short["input_ids"] == plain + [tokenizer.eos_token_id]
+    assert short["attention_mask"] == [1] * (len(plain) + 1)
+    assert len(long["input_ids"]) == 32 and tokenizer.eos_token_id not in long["input_ids"]
 
 
 @pytest.mark.parametrize("extension", ["txt", "csv", "jsonl"])
@@ -90,14 +112,59 @@ def test_train_file_without_validation_split_holds_out_a_percentage(tmp_path, ex
 
 def test_demo_defaults_parse_and_real_flags_override_them():
     script = _script()
-    model_args, data_args, args = script.parse_args(["--output_dir", "x", "--disable_tqdm", "true"])
+    model_args, data_args, args, run_args = script.parse_args(
+        ["--output_dir", "x", "--disable_tqdm", "true"]
+    )
     assert model_args.model_name_or_path is None and data_args.dataset_name is None
     assert (args.tp_size, args.target_epsilon, args.target_delta) == (2, 8.0, 1e-5)
     assert args.per_device_train_batch_size == 64 and args.max_grad_norm == 0.0
-    _, _, args = script.parse_args(
+    assert not run_args.overwrite_output_dir and run_args.prompt
+    _, _, args, _ = script.parse_args(
         ["--output_dir", "x", "--tp_size", "1", "--learning_rate", "1e-4", "--accountant", "rdp"]
     )
     assert (args.tp_size, args.learning_rate, args.accountant) == (1, 1e-4, "rdp")
+
+
+@pytest.mark.parametrize(
+    "flags, sigma, epsilon",
+    [
+        (["--noise_multiplier", "1.0"], 1.0, None),  # an explicit σ replaces the demo's ε
+        (["--noise_multiplier", "0.5", "--target_epsilon", "none"], 0.5, None),
+        (["--target_epsilon", "3"], None, 3.0),
+        (["--target_epsilon", "None", "--noise_multiplier", "0.7"], 0.7, None),
+    ],
+)
+def test_explicit_noise_multiplier_wins_over_the_demo_epsilon(flags, sigma, epsilon):
+    args = _script().parse_args(["--output_dir", "x", *flags])[2]
+    assert (args.noise_multiplier, args.target_epsilon) == (sigma, epsilon)
+
+
+def test_both_or_neither_privacy_flag_explicitly_is_refused():
+    script = _script()
+    with pytest.raises(ValueError, match="exactly one of target_epsilon"):
+        script.parse_args(["--output_dir", "x", "--noise_multiplier", "1", "--target_epsilon", "2"])
+    with pytest.raises(ValueError, match="exactly one of target_epsilon"):
+        script.parse_args(["--output_dir", "x", "--target_epsilon", "none"])
+
+
+def test_output_dir_of_an_earlier_run_is_refused_unless_overwrite(tmp_path):
+    script = _script()
+    out = tmp_path / "out"
+
+    def check(*flags):
+        _, _, args, run_args = script.parse_args(["--output_dir", str(out), *flags])
+        script.check_output_dir(args, run_args)
+
+    check()  # missing
+    out.mkdir()
+    check()  # empty
+    (out / "model.safetensors").write_bytes(b"")
+    with pytest.raises(
+        ValueError, match=r"not empty \(model\.safetensors\).*--overwrite_output_dir"
+    ):
+        check()
+    check("--overwrite_output_dir", "true")
+    check("--resume_from_checkpoint", str(out / "checkpoint-3"))
 
 
 def test_collator_masks_padding_out_of_the_labels():
@@ -146,6 +213,10 @@ def test_demo_defaults_under_accelerate_launch(tmp_path):
     assert summary["privacy"]["epsilon"] == report["epsilon"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert f"saved to {out}" in stdout and "before training: eval loss" in stdout
+    # one note generated by the trained (still sharded) model, from the prompt, printed once
+    note = summary["generated_note"]
+    assert note.startswith(script_prompt()) and len(note) > len(script_prompt())
+    assert stdout.count("a note written by the trained model") == 1 and note in stdout
     logged = [r for r in _load_json(out / "trainer_state.json")["log_history"] if "loss" in r]
     epsilons = [r["epsilon"] for r in logged]
     assert len(epsilons) == 4 and epsilons == sorted(epsilons)

@@ -138,9 +138,12 @@ class _RenamedLinear(nn.Linear):
 @pytest.fixture
 def restore_registry():
     saved = dict(grad_samplers_module._BY_TYPE)
+    aliases = dict(grad_samplers_module._UNVERIFIED_ALIASES)
     yield
     grad_samplers_module._BY_TYPE.clear()
     grad_samplers_module._BY_TYPE.update(saved)
+    grad_samplers_module._UNVERIFIED_ALIASES.clear()
+    grad_samplers_module._UNVERIFIED_ALIASES.update(aliases)
 
 
 def test_subclass_of_a_registered_layer_is_refused(restore_registry):
@@ -149,12 +152,35 @@ def test_subclass_of_a_registered_layer_is_refused(restore_registry):
         _controller(model)
 
 
-def test_aliased_subclass_with_another_forward_is_caught_by_the_self_check(restore_registry):
+def test_aliased_subclass_with_another_forward_is_refused_at_attach(restore_registry):
+    """The alias is checked on a probe input against autograd before any training."""
     register_grad_sampler_alias(_ScaledLinear, nn.Linear)
     model = nn.Sequential(_ScaledLinear(4, 3))
+    with pytest.raises(UnsupportedLayoutError, match=r"aliased to Linear's rule.*differ"):
+        _controller(model)
+
+
+def test_aliased_subclass_of_a_rule_without_probe_is_caught_by_the_self_check(restore_registry):
+    """A user rule registered without probe_input: the first-step self-check still catches an
+    alias whose forward computes something else."""
+    grad_samplers_module._BY_TYPE[_Linearish] = grad_samplers_module.GradSampler(
+        grad_samplers_module._BY_TYPE[nn.Linear].compute,
+        grad_samplers_module._BY_TYPE[nn.Linear].check,
+    )
+    register_grad_sampler_alias(_ScaledLinearish, _Linearish)
+    model = nn.Sequential(_ScaledLinearish(4, 3))
     _controller(model)
     with pytest.raises(RuntimeError, match=r"differs from the sum of its per-sample gradients"):
         model(torch.randn(6, 4)).pow(2).sum().backward()
+
+
+class _Linearish(nn.Linear):
+    """A class with a user rule (no probe input)."""
+
+
+class _ScaledLinearish(_Linearish):
+    def forward(self, x):
+        return 2 * super().forward(x)
 
 
 def test_aliased_subclass_with_the_same_forward_is_exact(restore_registry):

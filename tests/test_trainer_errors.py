@@ -4,6 +4,8 @@ stops before exceeding the budget, and runs in one process without TP ("hooks" m
 from __future__ import annotations
 
 import os
+import re
+import time
 import warnings
 
 import pytest
@@ -41,6 +43,42 @@ def test_privacy_arguments_are_validated():
     with pytest.warns(UserWarning, match="max_grad_norm=1.0 is ignored"):
         args = DPTrainingArguments(**base, noise_multiplier=1.0, max_grad_norm=1.0)
     assert args.max_grad_norm == 0.0 and not args.average_tokens_across_devices
+
+
+@pytest.mark.parametrize(
+    "setting, value, why",
+    [
+        ("max_grad_norm", 1.0, r"clipped per sample at per_sample_max_grad_norm"),
+        ("dataloader_drop_last", True, r"no Poisson batch is ever dropped"),
+        ("train_sampling_strategy", "group_by_length", r"Poisson sampling decides the training"),
+        ("data_seed", 7, r"Poisson sampling decides the training batches, from dp_seed"),
+    ],
+)
+def test_ignored_trainer_settings_warn_once_at_the_user_line(setting, value, why):
+    """Each ignored setting is named with the reason, once, at the line that built the
+    arguments (directly or through HfArgumentParser), never at a dataclass's ``<string>``."""
+    from transformers import HfArgumentParser
+
+    from hf_dp_tp import DPTrainingArguments
+
+    base = dict(output_dir="/tmp/unused", report_to=[], noise_multiplier=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DPTrainingArguments(**base, **{setting: value})
+    mine = [w for w in caught if f"{setting}={value!r} is ignored" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in caught]
+    assert re.search(why, str(mine[0].message)), mine[0].message
+    assert mine[0].filename == __file__, mine[0].filename
+    flags = ["--output_dir", "/tmp/unused", "--noise_multiplier", "1", f"--{setting}", str(value)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        HfArgumentParser(DPTrainingArguments).parse_args_into_dataclasses(flags)
+    mine = [w for w in caught if f"{setting}=" in str(w.message)]
+    assert len(mine) == 1 and mine[0].filename == __file__, [(w.filename, w.lineno) for w in mine]
+    with warnings.catch_warnings(record=True) as caught:  # the defaults: silent
+        warnings.simplefilter("always")
+        DPTrainingArguments(**base)
+    assert not [w for w in caught if "is ignored by DPTrainer" in str(w.message)]
 
 
 def test_hf_argument_parser_exposes_privacy_fields():
@@ -196,7 +234,28 @@ def _errors_worker(rank: int, world: int, model_dir: str, out: str) -> dict[str,
         budget.train()
     results["budget_steps"] = str(budget.state.global_step)
     results["budget_epsilon"] = repr(budget.get_epsilon())
+
+    # ddp_timeout bounds DPTrainer's collectives: on its TP group and on the default group, a
+    # peer that stops responding (rank 1 sleeps) fails rank 0 after ~ddp_timeout seconds (last:
+    # it changes the default group's timeout)
+    timed = trainer(llama(), ddp_timeout=1)
+    if rank == 0:
+        for name, group in (("tp", timed.mesh_info.tp_group), ("world", None)):
+            start = time.monotonic()
+            try:
+                dist_all_reduce(torch.ones(1), group)
+                results[f"timeout_{name}"] = "NO ERROR"
+            except RuntimeError as err:
+                results[f"timeout_{name}"] = f"{time.monotonic() - start:.1f}s {err}"
+    else:
+        time.sleep(6)  # a stopped peer: alive, never joining
     return results
+
+
+def dist_all_reduce(tensor, group):
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, group=group)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +270,7 @@ def error_results(tmp_path_factory):
     [
         ("tp_not_dividing_world", r"tp_size=3 must divide the world size 2"),
         ("heads_not_divisible", r"num_attention_heads=3 is not divisible by tp_size=2"),
-        ("auto_plan_without_hf_plan", r"has no HF tp_plan.*explicit plan"),
+        ("auto_plan_without_hf_plan", r"has no HF tp_plan.*gpt2_tp_plan\(\)"),
         (
             "dtensor_model_in_hooks_mode",
             r"DTensor.*grad_sample_mode='hooks'.*Use grad_sample_mode='tp'",
@@ -228,6 +287,15 @@ def test_bad_input_errors(error_results, name, pattern):
 
     for rank_results in error_results:
         assert re.search(pattern, rank_results[name], re.S), (name, rank_results[name])
+
+
+def test_ddp_timeout_bounds_dptrainer_collectives(error_results):
+    """A peer that stops responding fails the others after ddp_timeout (1 s here), on the TP
+    group DPTrainer builds and on the default group, instead of the 30-minute torch default."""
+    for name in ("timeout_tp", "timeout_world"):
+        seconds, _, message = error_results[0][name].partition("s ")
+        assert message and float(seconds) < 4.5, error_results[0][name]
+        assert re.search(r"[Tt]imed? ?out", message), message
 
 
 def test_training_stops_before_the_budget_is_exceeded(error_results):

@@ -173,9 +173,11 @@ def train_tokenizer(texts: list[str]) -> None:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    # <s> starts every encoded text; </s> is appended only to training records (by the
+    # fine-tuning script), so a prompt encoded for generation does not end the text.
+    bos = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+        single="<s> $A", special_tokens=[("<s>", bos)]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

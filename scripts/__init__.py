@@ -1,0 +1,1 @@
+"""Maintenance scripts (importable so that tests can reuse their functions)."""
