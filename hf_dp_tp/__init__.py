@@ -26,7 +26,7 @@ _EXPORTS = {
     "init_dp_tp_mesh": "parallel",
     "llama_sequence_parallel_plan": "parallel",
     "make_accountant": "accounting",
-    "per_sample_norms": "controller",
+    "per_sample_norms": "norms",
     "prepare_lora_for_tp": "lora",
     "register_grad_sampler": "grad_samplers",
     "register_grad_sampler_alias": "grad_samplers",
@@ -79,7 +79,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .accounting import calibrate_noise_multiplier, make_accountant
     from .arguments import DPTrainingArguments
-    from .controller import GradSampleControllerTP, per_sample_norms
+    from .controller import GradSampleControllerTP
     from .engine import PrivacyEngineGradSampleController
     from .grad_samplers import (
         UnsupportedLayoutError,
@@ -87,6 +87,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         register_grad_sampler_alias,
     )
     from .lora import prepare_lora_for_tp, save_lora_adapter
+    from .norms import per_sample_norms
     from .optimizer import DPOptimizerTP
     from .parallel import (
         MeshInfo,

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainingArguments
 
 from .accounting import ACCOUNTANTS
-from .controller import GRAD_SAMPLE_MODES
+from .layout import PLAIN, check_grad_sample_mode, declared_layout
 
 
 def _is_library_frame(code) -> bool:
@@ -266,13 +266,10 @@ class DPTrainingArguments(TrainingArguments):
             )
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(
-                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}"
-            )
+        check_grad_sample_mode(self.grad_sample_mode)
         if not isinstance(self.tp_size, int) or self.tp_size < 1:
             raise ValueError(f"tp_size must be a positive int, got {self.tp_size!r}")
-        if self.tp_size > 1 and self.grad_sample_mode != "tp":
+        if self.tp_size > 1 and declared_layout(self.grad_sample_mode) == PLAIN:
             raise ValueError(f"tp_size={self.tp_size} needs grad_sample_mode='tp'")
         if not self.poisson_sampling:
             raise ValueError(

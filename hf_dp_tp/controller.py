@@ -25,17 +25,22 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from .grad_samplers import GradSampler, UnsupportedLayoutError, find_grad_sampler
+from .layout import GRAD_SAMPLE_MODES, check_grad_sample_mode, model_layout  # noqa: F401
+from .norms import (  # noqa: F401  (per_sample_norms & co. stay importable from here)
+    REPLICA_MISMATCH_TOLERANCE,
+    accumulation_dtype,
+    per_sample_norms,
+    squared_norm_per_sample,
+)
 from .parallel import (
     HF_STYLE_ATTR,
     MeshInfo,
     ParamLayout,
-    has_dtensor_parameters,
     installed_tp_style,
     param_layout,
     resolve_mesh,
 )
 
-GRAD_SAMPLE_MODES = ("tp", "hooks")
 LOSS_REDUCTIONS = ("mean", "sum")
 
 # transformers' own TP styles (they replace ``module.forward``): which ones the controller
@@ -148,70 +153,6 @@ def localize(
     return activation, grad, token_dim is not None
 
 
-def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
-    """fp32 for half-precision tensors (norms and sums are never accumulated in bf16/fp16)."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def squared_norm_per_sample(grad_sample: torch.Tensor) -> torch.Tensor:
-    """``Σ_j g[i, j]²`` in at least fp32, shape ``[B]``."""
-    g = grad_sample.to(accumulation_dtype(grad_sample))
-    return g.pow(2).flatten(1).sum(1)  # flatten, not reshape(B, -1): B may be 0
-
-
-REPLICA_MISMATCH_TOLERANCE = 1e-2
-
-
-def per_sample_norms(
-    grad_samples: list[tuple[torch.Tensor, ParamLayout]], mesh: MeshInfo
-) -> torch.Tensor | None:
-    """Contract rule 3 (docs/usage.md):
-    ``n_i = sqrt(all_reduce_TP(Σ_sharded ‖g‖²) + Σ_replicated ‖g‖²)``.
-
-    Replicated squares are added on TP rank 0 only, inside the same all-reduce, so they count
-    once and the result is bit-identical on every TP rank. The same all-reduce also carries each
-    rank's replicated squares and their squares, so every rank can check (identically) that the
-    "replicated" per-sample grads really agree across the TP group — a plain module fed a
-    rank-local slice would not — and refuse to step otherwise. Returns None when nothing was
-    sampled.
-    """
-    if not grad_samples:
-        return None
-    sizes = {g.shape[0] for g, _ in grad_samples}
-    if len(sizes) != 1:
-        raise RuntimeError(
-            f"per-sample grads of different batch sizes {sorted(sizes)}: call "
-            "optimizer.clip_and_accumulate() after every backward pass (gradient accumulation), "
-            "and make every trainable module take part in every forward pass."
-        )
-    device = grad_samples[0][0].device
-    dtype = accumulation_dtype(grad_samples[0][0])
-    batch = sizes.pop()
-    sharded = torch.zeros(batch, dtype=dtype, device=device)
-    replicated = torch.zeros_like(sharded)
-    for g, layout in grad_samples:
-        (sharded if layout.sharded else replicated).add_(squared_norm_per_sample(g).to(dtype))
-    if mesh.tp_size == 1 or batch == 0:
-        return (sharded + replicated).sqrt()
-    rep = replicated.double()
-    packed = torch.stack(
-        [(sharded + replicated if mesh.tp_rank == 0 else sharded).double(), rep, rep * rep]
-    )
-    mesh.all_reduce_tp(packed)
-    total, rep_sum, rep_sq_sum = packed
-    mean = rep_sum / mesh.tp_size
-    spread = (rep_sq_sum / mesh.tp_size - mean * mean).clamp_min(0).sqrt()
-    if bool((spread > REPLICA_MISMATCH_TOLERANCE * mean + 1e-30).any()):
-        worst = (spread / mean.clamp_min(1e-30)).max().item()
-        raise RuntimeError(
-            "per-sample gradients of replicated parameters differ across TP ranks (relative "
-            f"spread {worst:.3g}): some plain (non-DTensor) trainable module sees rank-local "
-            "activations, e.g. a layer placed after a column-wise layer without gathering its "
-            "output. Shard it in the TP plan or gather its input (output_layouts=Replicate())."
-        )
-    return total.to(dtype).sqrt()
-
-
 def mixes_samples_in_train_mode(module: nn.Module) -> bool:
     """Modules whose train-mode forward computes statistics across the batch (BatchNorm*,
     SyncBatchNorm, InstanceNorm with running statistics): one sample then changes every other
@@ -288,7 +229,9 @@ class GradSampleControllerTP:
         loss_reduction: ``"mean"`` if the loss is the mean over samples of per-sample losses
             (per-sample grads are rescaled by the local batch size), ``"sum"`` if it is their sum.
         grad_sample_mode: ``"tp"`` for DTensor / transformers-TP models, ``"hooks"`` for models
-            without tensor parallelism (a DTensor model in ``"hooks"`` mode is refused).
+            without tensor parallelism (a DTensor model in ``"hooks"`` mode is refused). Both are
+            per-sample hooks; the mode is split into a layout and a clipping method by
+            :func:`hf_dp_tp.layout.model_layout` (kept as :attr:`layout`).
         mesh_info: the resolved groups, if the caller already has them.
 
     Raises :class:`~hf_dp_tp.grad_samplers.UnsupportedLayoutError` at construction for a
@@ -304,25 +247,16 @@ class GradSampleControllerTP:
         grad_sample_mode: str = "tp",
         mesh_info: MeshInfo | None = None,
     ) -> None:
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(
-                f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}"
-                " ('tp' for tensor-parallel models, 'hooks' for models without TP)."
-            )
+        check_grad_sample_mode(grad_sample_mode)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(
                 f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
             )
-        if grad_sample_mode != "tp" and has_dtensor_parameters(module):
-            raise ValueError(
-                f"the model has DTensor (tensor-parallel) parameters but grad_sample_mode="
-                f"{grad_sample_mode!r}: per-sample gradients would be computed on shards as if "
-                "they were whole tensors. Use grad_sample_mode='tp'."
-            )
+        self.layout = model_layout(module, grad_sample_mode)
         self.module = module
         self.grad_sample_mode = grad_sample_mode
         self.loss_reduction = loss_reduction
-        self.mesh = mesh_info or resolve_mesh(module, device_mesh, tp=grad_sample_mode == "tp")
+        self.mesh = mesh_info or resolve_mesh(module, device_mesh, tp=self.layout.tp)
         self.hooks_enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._hooked: list[_HookedModule] = []

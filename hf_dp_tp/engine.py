@@ -16,7 +16,8 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from .accounting import epsilon_spent, make_accountant
-from .controller import GRAD_SAMPLE_MODES, GradSampleControllerTP
+from .controller import GradSampleControllerTP
+from .layout import model_layout
 from .optimizer import DPOptimizerTP
 from .parallel import resolve_mesh
 from .privacy_plan import PrivacyPlan
@@ -78,15 +79,12 @@ class PrivacyEngineGradSampleController:
         batch is yielded as k micro-batches: call ``optimizer.clip_and_accumulate()`` after the
         backward of each of the first k-1 and ``optimizer.step()`` after the k-th.
         """
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(
-                f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}."
-            )
+        layout = model_layout(module, grad_sample_mode)
         if self.secure_mode and (noise_seed is not None or sampling_seed is not None):
             raise ValueError("secure_mode draws its randomness from the OS: do not pass seeds.")
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches}")
-        mesh = resolve_mesh(module, device_mesh, tp=grad_sample_mode == "tp")
+        mesh = resolve_mesh(module, device_mesh, tp=layout.tp)
         plan = self.privacy_plan = self._plan(data_loader, mesh.dp_size, noise_multiplier)
         if poisson_sampling:
             data_loader = build_poisson_data_loader(
@@ -140,9 +138,8 @@ class PrivacyEngineGradSampleController:
         optimizer steps) spend exactly ``target_epsilon`` at ``target_delta``."""
         if (epochs is None) == (steps is None):
             raise ValueError("give exactly one of epochs or steps")
-        mesh_probe = resolve_mesh(
-            module, kwargs.get("device_mesh"), tp=kwargs.get("grad_sample_mode", "tp") == "tp"
-        )
+        layout = model_layout(module, kwargs.get("grad_sample_mode", "tp"))
+        mesh_probe = resolve_mesh(module, kwargs.get("device_mesh"), tp=layout.tp)
         plan = self._plan(
             data_loader,
             mesh_probe.dp_size,

@@ -47,6 +47,7 @@ from .checkpoint import (
     write_secrets_file,
 )
 from .controller import GradSampleControllerTP
+from .layout import PLAIN, TP, infer_layout, model_layout
 from .lora import peft_tp_plan, prepare_lora_for_tp, save_lora_adapter
 from .losses import PerSampleLoss, default_per_sample_loss
 from .optimizer import DPOptimizerTP
@@ -56,7 +57,6 @@ from .parallel import (
     check_tp_divisibility,
     destroy_process_groups,
     full_state_dict,
-    has_dtensor_parameters,
     init_dp_tp_mesh,
     resolve_mesh,
     set_collective_timeout,
@@ -214,7 +214,7 @@ class DPTrainer(Trainer):
             self.mesh_info = MeshInfo()
         else:
             self.mesh_info = resolve_mesh(
-                self.model, self.device_mesh, tp=args.grad_sample_mode == "tp"
+                self.model, self.device_mesh, tp=model_layout(self.model, args.grad_sample_mode).tp
             )
         self.grad_sample_controller = GradSampleControllerTP(
             self.model,
@@ -264,13 +264,8 @@ class DPTrainer(Trainer):
         config = getattr(model, "config", None)
         if args.tp_size > 1:
             check_tp_divisibility(config, args.tp_size)
-        if has_dtensor_parameters(model) and args.grad_sample_mode != "tp":
-            raise ValueError(
-                f"the model has DTensor (tensor-parallel) parameters but grad_sample_mode="
-                f"{args.grad_sample_mode!r}: per-sample gradients of shards would be computed as "
-                "if they were whole tensors. Use grad_sample_mode='tp'."
-            )
-        if has_dtensor_parameters(model):
+        model_layout(model, args.grad_sample_mode)  # refuses "hooks" on a DTensor model
+        if infer_layout(model) == TP:
             sizes = {p.device_mesh.size() for p in model.parameters() if isinstance(p, DTensor)}
             if sizes != {args.tp_size}:
                 raise ValueError(
@@ -682,7 +677,7 @@ class DPTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         model = model if model is not None else self.model
-        if not has_dtensor_parameters(model):
+        if infer_layout(model) == PLAIN:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if _is_peft(model):
             load_full_checkpoint_into_sharded(
@@ -698,7 +693,7 @@ class DPTrainer(Trainer):
             self._save_unsharded(output_dir, state_dict)
 
     def _save_unsharded(self, output_dir: str | None, state_dict: dict | None) -> None:
-        if not has_dtensor_parameters(self.model):
+        if infer_layout(self.model) == PLAIN:
             if self.args.should_save:
                 super()._save(output_dir, state_dict=state_dict)
             return

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..layout import GRAD_SAMPLE_MODES
 from .canaries import CANARY_KINDS, DEFAULT_SUPPORT, random_token_canaries
 
 
@@ -262,7 +263,10 @@ def parse_args(argv: list[str] | None = None) -> AuditConfig:
     parser.add_argument("--tp-size", type=int, default=1, help="TP degree (dp = world / tp)")
     parser.add_argument("--tp-plan", default="auto", help="'auto' or 'none'")
     parser.add_argument(
-        "--grad-sample-mode", default="tp", choices=["tp", "hooks"], help="clipping method"
+        "--grad-sample-mode",
+        default="tp",
+        choices=list(GRAD_SAMPLE_MODES),
+        help="'tp' (tensor-parallel model) or 'hooks' (no TP): both per-sample hooks",
     )
     noise = parser.add_mutually_exclusive_group(required=True)
     noise.add_argument("--noise-multiplier", type=float, help="σ")

@@ -1,0 +1,110 @@
+"""Two independent axes of a DP run, each decided here once.
+
+- The **layout** of the model: ``"plain"`` (no tensor parallelism: every rank holds whole
+  parameters) or ``"tp"`` (tensor-parallel: DTensor parameters sharded over the TP group, contract
+  rule 2, docs/usage.md). FSDP over the DP dimension will be a third value. It is a property of the
+  parameters and the mesh (:func:`infer_layout`).
+- The **clipping method**: how the per-sample norms and the clipped sum are obtained. Today one
+  method, per-sample gradients materialised by hooks (:data:`PER_SAMPLE`); ghost clipping is
+  reserved and not accepted yet.
+
+The public ``grad_sample_mode`` names both at once, for compatibility: ``"tp"`` and ``"hooks"`` are
+both per-sample hooks, ``"tp"`` on a tensor-parallel model and ``"hooks"`` on one without tensor
+parallelism. :func:`model_layout` maps a mode and a model to ``(layout, method)`` and refuses a
+mode that contradicts the model's parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from .parallel import TP_DIM, has_dtensor_parameters
+
+PLAIN = "plain"
+TP = "tp"
+#: Model layouts (FSDP over the DP dimension will be a third).
+LAYOUTS = (PLAIN, TP)
+
+PER_SAMPLE = "per_sample"
+#: Clipping methods that exist. ``"ghost"`` (norms without materialising per-sample gradients)
+#: is reserved for it and is not accepted until it exists.
+CLIPPING_METHODS = (PER_SAMPLE,)
+
+#: Public ``grad_sample_mode`` values → (clipping method, layout the mode declares).
+_MODES: dict[str, tuple[str, str]] = {"tp": (PER_SAMPLE, TP), "hooks": (PER_SAMPLE, PLAIN)}
+GRAD_SAMPLE_MODES = tuple(_MODES)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """How a model is laid out (:data:`LAYOUTS`) and how its per-sample norms are obtained
+    (:data:`CLIPPING_METHODS`)."""
+
+    layout: str
+    method: str
+
+    @property
+    def tp(self) -> bool:
+        """Whether the model has a TP group (its norms are reduced over it, rule 3)."""
+        return self.layout == TP
+
+
+def check_grad_sample_mode(grad_sample_mode: str) -> None:
+    """Refuse a ``grad_sample_mode`` that names no existing method."""
+    if grad_sample_mode not in _MODES:
+        raise ValueError(
+            f"unknown grad_sample_mode {grad_sample_mode!r}: grad_sample_mode must be one of "
+            f"{GRAD_SAMPLE_MODES} ('tp' for tensor-parallel models, 'hooks' for models without "
+            "TP)."
+        )
+
+
+def clipping_method(grad_sample_mode: str) -> str:
+    """The clipping method a ``grad_sample_mode`` selects (:data:`CLIPPING_METHODS`)."""
+    check_grad_sample_mode(grad_sample_mode)
+    return _MODES[grad_sample_mode][0]
+
+
+def declared_layout(grad_sample_mode: str) -> str:
+    """The layout a ``grad_sample_mode`` stands for (``"tp"`` → TP, ``"hooks"`` → plain)."""
+    check_grad_sample_mode(grad_sample_mode)
+    return _MODES[grad_sample_mode][1]
+
+
+def _tp_size(device_mesh: DeviceMesh) -> int:
+    if device_mesh.ndim == 1:
+        return device_mesh.size()
+    names = device_mesh.mesh_dim_names or ()
+    return device_mesh[TP_DIM].size() if TP_DIM in names else 1
+
+
+def infer_layout(module: nn.Module, device_mesh: DeviceMesh | None = None) -> str:
+    """The layout of ``module`` from its parameters and the mesh: TP when a parameter is a DTensor
+    or the mesh has a TP dimension of more than one rank, plain otherwise."""
+    if has_dtensor_parameters(module):
+        return TP
+    if device_mesh is not None and _tp_size(device_mesh) > 1:
+        return TP
+    return PLAIN
+
+
+def model_layout(module: nn.Module, grad_sample_mode: str) -> ModelLayout:
+    """The layout and clipping method of ``module`` trained with ``grad_sample_mode``.
+
+    A mode declaring the plain layout (``"hooks"``) on a model with DTensor parameters is refused:
+    per-sample gradients of shards would be computed as if they were whole tensors (wrong norms).
+    ``"tp"`` on a model without a TP mesh is refused by :func:`~hf_dp_tp.parallel.resolve_mesh`,
+    which looks for that mesh.
+    """
+    method = clipping_method(grad_sample_mode)
+    layout = declared_layout(grad_sample_mode)
+    if layout == PLAIN and infer_layout(module) == TP:
+        raise ValueError(
+            f"the model has DTensor (tensor-parallel) parameters but grad_sample_mode="
+            f"{grad_sample_mode!r}: per-sample gradients would be computed on shards as if "
+            "they were whole tensors. Use grad_sample_mode='tp'."
+        )
+    return ModelLayout(layout=layout, method=method)
