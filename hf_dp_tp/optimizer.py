@@ -1,5 +1,12 @@
 """DP-SGD on a tensor-parallel model: clip per sample, sum, add noise, reduce, scale (contract
-rules 4-9, docs/usage.md), then let any torch optimizer apply the result."""
+rules 4-9, docs/usage.md), then let any torch optimizer apply the result.
+
+The step is a sequence of named stages of :class:`DPOptimizerTP`, so a clipping method or a
+parallelism replaces one stage, not the whole step: :meth:`~DPOptimizerTP.clip_and_accumulate`
+(per micro-batch) then, once per logical batch, :meth:`~DPOptimizerTP.take_clipped_sums`,
+:meth:`~DPOptimizerTP.add_noise`, :meth:`~DPOptimizerTP.reduce`, :meth:`~DPOptimizerTP.scale`
+and :meth:`~DPOptimizerTP.write_grads`, run in that order by
+:meth:`~DPOptimizerTP.add_noise_and_reduce`."""
 
 from __future__ import annotations
 
@@ -13,8 +20,9 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from .controller import LOSS_REDUCTIONS, accumulation_dtype, per_sample_norms
+from .controller import LOSS_REDUCTIONS
 from .noise import NoiseSource
+from .norms import accumulation_dtype, per_sample_norms
 from .parallel import MeshInfo, ParamLayout, param_layout
 from .randomness import agree_on_seed
 
@@ -207,9 +215,11 @@ class DPOptimizerTP(Optimizer):
         self._clipped_sums.clear()
         self.accumulated_micro_batches = 0
 
-    # ------------------------------------------------------------------ DP-SGD
+    # ------------------------------------------------------------------ DP-SGD stages
     def clip_and_accumulate(self) -> None:
-        """Clip the per-sample grads of the last micro-batch(es) and add them to the running sum."""
+        """Stage 1, after each micro-batch's backward (contract rules 3-5, docs/usage.md): the
+        per-sample norms of the last micro-batch(es) (rule 3), their clip factors (rule 4), and
+        the clipped per-sample gradients added to the running sums (rule 5)."""
         samples = [
             (p, p.grad_sample) for p in self.params() if getattr(p, "grad_sample", None) is not None
         ]
@@ -223,8 +233,21 @@ class DPOptimizerTP(Optimizer):
                 )
             return
         norms = per_sample_norms([(g, self.layout_of(p)) for p, g in samples], self.mesh)
-        factors = (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+        factors = self.clip_factors(norms)
         self.last_per_sample_norms, self.last_clip_factors = norms, factors
+        self.accumulate_clipped(samples, factors)
+        self.accumulated_micro_batches += 1
+
+    def clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
+        """Contract rule 4 (docs/usage.md): ``c_i = min(1, C / (n_i + 1e-6))``, bit-identical on
+        every TP rank because ``norms`` are."""
+        return (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+
+    def accumulate_clipped(
+        self, samples: list[tuple[torch.nn.Parameter, torch.Tensor]], factors: torch.Tensor
+    ) -> None:
+        """Contract rule 5 (docs/usage.md): add ``Σ_i c_i g_{p,i}`` (in at least fp32) to each
+        parameter's running clipped sum and consume its ``grad_sample``."""
         for p, grad_sample in samples:
             dtype = accumulation_dtype(grad_sample)
             clipped = torch.einsum("n,n...->...", factors.to(dtype), grad_sample.to(dtype))
@@ -234,7 +257,20 @@ class DPOptimizerTP(Optimizer):
             else:
                 self._clipped_sums[key] = clipped
             p.grad_sample = None
-        self.accumulated_micro_batches += 1
+
+    def take_clipped_sums(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """This rank's clipped sum of each parameter (local shard), emptied from the running sums;
+        zeros (in at least fp32) for a parameter that no sample reached, so that every rank takes
+        part in every collective with the same tensors."""
+        sums: list[torch.Tensor] = []
+        for p in params:
+            total = self._clipped_sums.pop(id(p), None)
+            if total is None:
+                local = p.to_local() if isinstance(p, DTensor) else p
+                dtype = accumulation_dtype(local)
+                total = torch.zeros(local.shape, dtype=dtype, device=local.device)
+            sums.append(total)
+        return sums
 
     def add_noise(self, sums: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
         """Contract rule 6 (docs/usage.md), in place on this rank's clipped sums: ``N(0, (σC)²)``
@@ -256,27 +292,37 @@ class DPOptimizerTP(Optimizer):
             if layout.sharded or self.mesh.tp_rank == 0:
                 total.add_(source.normal(tuple(total.shape), std, total.device, dtype=total.dtype))
 
-    def add_noise_and_reduce(self) -> None:
-        """Noise once on the clipped sum, DP all-reduce, TP-sync replicated grads, scale, write."""
-        params = self.params()
-        sums: list[torch.Tensor] = []
-        for p in params:
-            total = self._clipped_sums.pop(id(p), None)
-            if total is None:
-                local = p.to_local() if isinstance(p, DTensor) else p
-                dtype = accumulation_dtype(local)
-                total = torch.zeros(local.shape, dtype=dtype, device=local.device)
-            sums.append(total)
-        layouts = [self.layout_of(p) for p in params]
-        self.add_noise(sums, layouts)
-
+    def reduce(self, sums: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
+        """Contract rule 7 (docs/usage.md), in place: all-reduce (sum) the noised sums over the DP
+        group, then give every TP rank TP rank 0's replicated sums (which alone carry the
+        replicated noise of rule 6). Bucketed: one flattened collective per bucket."""
         _flat_collective(sums, self.mesh.all_reduce_dp)
         replicated = [t for t, lay in zip(sums, layouts, strict=True) if not lay.sharded]
         _flat_collective(replicated, self.mesh.broadcast_tp)
 
-        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        for p, total in zip(params, sums, strict=True):
-            self._write_grad(p, total.mul_(scale))
+    def scale(self, sums: list[torch.Tensor]) -> None:
+        """Contract rule 8 (docs/usage.md), in place: divide by B̄, the expected *global* logical
+        batch, for ``loss_reduction="mean"``; leave the sum for ``"sum"``."""
+        factor = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        for total in sums:
+            total.mul_(factor)
+
+    def write_grads(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None:
+        """Contract rule 9 (docs/usage.md): each local gradient becomes ``param.grad``."""
+        for p, grad in zip(params, grads, strict=True):
+            self._write_grad(p, grad)
+
+    def add_noise_and_reduce(self) -> None:
+        """The once-per-step stages, in order: take the clipped sums, add noise once (rule 6),
+        reduce over DP and sync replicated sums over TP (rule 7), scale (rule 8), write the
+        gradients (rule 9); then count the noisy step."""
+        params = self.params()
+        sums = self.take_clipped_sums(params)
+        layouts = [self.layout_of(p) for p in params]
+        self.add_noise(sums, layouts)
+        self.reduce(sums, layouts)
+        self.scale(sums)
+        self.write_grads(params, sums)
         self.steps_taken += 1
 
     @staticmethod
