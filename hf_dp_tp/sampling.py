@@ -27,6 +27,7 @@ from torch.utils.data import (
     default_convert,
 )
 
+from .privacy_plan import steps_per_epoch as default_steps_per_epoch
 from .randomness import agree_on_key, agree_on_seed, derive_seed, secure_uniform, seeded_uniform
 
 __all__ = [
@@ -122,7 +123,7 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
         if not _is_int(num_micro_batches) or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be an int >= 1, got {num_micro_batches!r}")
         if steps_per_epoch is None:
-            steps_per_epoch = max(1, round(1.0 / float(sample_rate)))
+            steps_per_epoch = default_steps_per_epoch(float(sample_rate))
         elif not _is_int(steps_per_epoch) or steps_per_epoch < 1:
             raise ValueError(
                 f"steps_per_epoch must be an int >= 1 or None, got {steps_per_epoch!r}"

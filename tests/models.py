@@ -199,15 +199,12 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def markov_records(n: int, seq: int, vocab: int, seed: int = 0) -> dict[str, list]:
-    """Token sequences from a peaked random Markov chain: a causal LM learns them quickly."""
-    g = torch.Generator().manual_seed(seed)
-    successors = torch.randint(0, vocab, (vocab, 2), generator=g)
-    ids = torch.empty(n, seq, dtype=torch.long)
-    ids[:, 0] = torch.randint(0, vocab, (n,), generator=g)
-    for t in range(1, seq):
-        pick = torch.randint(0, 2, (n,), generator=g)
-        ids[:, t] = successors[ids[:, t - 1], pick]
-    return {"input_ids": ids.tolist(), "labels": ids.tolist()}
+    """Token sequences from a peaked random Markov chain (the audit's synthetic records, as
+    columns): a causal LM learns them quickly."""
+    from hf_dp_tp.audit.run import synthetic_records
+
+    ids = [record["input_ids"] for record in synthetic_records(n, seq, vocab, seed)]
+    return {"input_ids": ids, "labels": [list(row) for row in ids]}
 
 
 def dp_optimizer(
