@@ -143,8 +143,10 @@ class DPTrainingArguments(TrainingArguments):
     grad_sample_mode: str = field(
         default="tp",
         metadata={
-            "help": "Per-sample gradient mode, chosen explicitly: 'tp' for tensor-parallel models, "
-            "'hooks' for models without tensor parallelism."
+            "help": "Clipping method, chosen explicitly: 'tp' (per-sample gradients materialised "
+            "by hooks on a tensor-parallel model), 'hooks' (the same without tensor parallelism), "
+            "'ghost' (either kind of model: ghost norms and book-keeping clipped sums, no "
+            "per-sample gradient of a matrix weight is built; see docs/guide.md)."
         },
     )
     secure_mode: bool = field(
@@ -270,7 +272,9 @@ class DPTrainingArguments(TrainingArguments):
         if not isinstance(self.tp_size, int) or self.tp_size < 1:
             raise ValueError(f"tp_size must be a positive int, got {self.tp_size!r}")
         if self.tp_size > 1 and declared_layout(self.grad_sample_mode) == PLAIN:
-            raise ValueError(f"tp_size={self.tp_size} needs grad_sample_mode='tp'")
+            raise ValueError(
+                f"tp_size={self.tp_size} needs grad_sample_mode='tp' or 'ghost', not 'hooks'"
+            )
         if not self.poisson_sampling:
             raise ValueError(
                 "poisson_sampling=False is not supported by DPTrainer: the accountants assume "

@@ -5,8 +5,10 @@ parameters. The hook runs *before* any parallel style's output transform (``prep
 it sees the activation after the style's input transform and the module's *raw* output; a tensor
 hook on that raw output then receives its gradient during backward. Both are turned into plain
 local tensors (contract rule 2, docs/usage.md) and a grad sampler
-(:mod:`hf_dp_tp.grad_samplers`) produces ``param.grad_sample`` of shape
-``[B, *param.to_local().shape]``.
+(:mod:`hf_dp_tp.grad_samplers`) produces ``param.grad_sample``: with per-sample hooks
+(``"tp"``/``"hooks"``) a tensor of shape ``[B, *param.to_local().shape]``; with ghost clipping
+(``"ghost"``) a :class:`~hf_dp_tp.ghost.FactoredGradSample` holding matrix weights as factors
+(their norms and clipped sums are computed without building the ``[B, ...]`` tensor).
 
 The model object is untouched apart from those hooks and the ``grad_sample`` attribute on
 trainable parameters; :meth:`GradSampleControllerTP.cleanup` removes both.
@@ -24,12 +26,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from .ghost import FactoredGradSample, OuterProducts, batch_size_of, squared_norms_of, sum_of
 from .grad_samplers import GradSampler, UnsupportedLayoutError, find_grad_sampler
-from .layout import GRAD_SAMPLE_MODES, check_grad_sample_mode, model_layout  # noqa: F401
+from .layout import GHOST, GRAD_SAMPLE_MODES, check_grad_sample_mode, model_layout  # noqa: F401
 from .norms import (  # noqa: F401  (per_sample_norms & co. stay importable from here)
     REPLICA_MISMATCH_TOLERANCE,
     accumulation_dtype,
     per_sample_norms,
+    reduce_squared_norms,
     squared_norm_per_sample,
 )
 from .parallel import (
@@ -229,9 +233,11 @@ class GradSampleControllerTP:
         loss_reduction: ``"mean"`` if the loss is the mean over samples of per-sample losses
             (per-sample grads are rescaled by the local batch size), ``"sum"`` if it is their sum.
         grad_sample_mode: ``"tp"`` for DTensor / transformers-TP models, ``"hooks"`` for models
-            without tensor parallelism (a DTensor model in ``"hooks"`` mode is refused). Both are
-            per-sample hooks; the mode is split into a layout and a clipping method by
-            :func:`hf_dp_tp.layout.model_layout` (kept as :attr:`layout`).
+            without tensor parallelism (a DTensor model in ``"hooks"`` mode is refused): both
+            materialise per-sample gradients; ``"ghost"`` for either kind of model: ghost norms
+            and book-keeping clipped sums (:mod:`hf_dp_tp.ghost`). The mode is split into a
+            layout and a clipping method by :func:`hf_dp_tp.layout.model_layout` (kept as
+            :attr:`layout`).
         mesh_info: the resolved groups, if the caller already has them.
 
     Raises :class:`~hf_dp_tp.grad_samplers.UnsupportedLayoutError` at construction for a
@@ -252,8 +258,9 @@ class GradSampleControllerTP:
             raise ValueError(
                 f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
             )
-        self.layout = model_layout(module, grad_sample_mode)
+        self.layout = model_layout(module, grad_sample_mode, device_mesh)
         self.module = module
+        self.ghost = self.layout.method == GHOST
         self.grad_sample_mode = grad_sample_mode
         self.loss_reduction = loss_reduction
         self.mesh = mesh_info or resolve_mesh(module, device_mesh, tp=self.layout.tp)
@@ -362,12 +369,12 @@ class GradSampleControllerTP:
     def get_per_sample_norms(self) -> torch.Tensor | None:
         """Norms of the whole model's per-sample gradients currently stored (contract rule 3,
         docs/usage.md)."""
-        samples = [
-            (p.grad_sample, self.layout_of(p))
+        squared = [
+            (squared_norms_of(p.grad_sample), self.layout_of(p).sharded)
             for p in self.trainable_parameters()
             if getattr(p, "grad_sample", None) is not None
         ]
-        return per_sample_norms(samples, self.mesh)
+        return reduce_squared_norms(squared, self.mesh)
 
     def zero_grad_sample(self) -> None:
         for p in self.trainable_parameters():
@@ -409,11 +416,17 @@ class GradSampleControllerTP:
         on a backward over one forward pass."""
         if not self.hooks_enabled or id(param) in self._self_checked:
             return
-        chunks = self._chunks.get(id(param))
-        if getattr(param, "grad_sample", None) is None or not chunks or len(chunks) != 1:
+        grad_sample = getattr(param, "grad_sample", None)
+        if isinstance(grad_sample, FactoredGradSample):
+            passes = len(grad_sample.generations)
+        else:
+            chunks = self._chunks.get(id(param))
+            passes = len(chunks) if chunks else 0
+            grad_sample = chunks[0][1] if chunks else None
+        if grad_sample is None or passes != 1:
             return  # not sampled (refused by _check_sampled) or several forwards: check later
-        per_sample = chunks[0][1]
-        if per_sample.shape[0] == 0:
+        batch = batch_size_of(grad_sample)
+        if batch == 0:
             return
         if isinstance(grad, DTensor):  # may arrive in other placements than the parameter's
             grad = grad.redistribute(param.device_mesh, param.placements).to_local()
@@ -423,10 +436,10 @@ class GradSampleControllerTP:
             # gradients were before their TP all-reduce
             grad = self.mesh.all_reduce_tp(grad.detach().clone())
         original_dtype = grad.dtype
-        acc = accumulation_dtype(per_sample)
-        reduced = per_sample.to(acc).sum(0)
+        reduced = sum_of(grad_sample)
+        acc = reduced.dtype
         if self.loss_reduction == "mean":
-            reduced = reduced / per_sample.shape[0]
+            reduced = reduced / batch
         grad = grad.to(acc).reshape(reduced.shape)
         # A gradient that vanishes in exact arithmetic (a key bias: softmax ignores a shift shared
         # by all keys) is rounding dust on both sides: compare against at least sqrt(eps).
@@ -437,7 +450,7 @@ class GradSampleControllerTP:
         # gradients even when their per-sample gradients are kept in fp32
         tolerance = max(
             SELF_CHECK_TOLERANCE.get(dtype, SELF_CHECK_HALF_TOLERANCE)
-            for dtype in (per_sample.dtype, original_dtype, param.dtype)
+            for dtype in (grad_sample.dtype, original_dtype, param.dtype)
         )
         if error > tolerance:
             raise RuntimeError(
@@ -523,18 +536,22 @@ class GradSampleControllerTP:
         batch = activation.shape[0]
         if self.loss_reduction == "mean":
             grad = grad * batch
+        compute = info.sampler.compute_factored if self.ghost else info.sampler.compute
         try:
-            grads = info.sampler.compute(info.module, activation, grad, info.layouts)
+            grads = compute(info.module, activation, grad, info.layouts)
         except UnsupportedLayoutError as err:
             raise UnsupportedLayoutError(f"module '{info.name}': {err}") from None
         for name, grad_sample in grads.items():
             layout = info.layouts[name]
             expected = (batch, *layout.local_shape)
-            if tuple(grad_sample.shape) != expected:
+            if isinstance(grad_sample, OuterProducts):
+                shape = (grad_sample.batch_size, *grad_sample.shape)
+            else:
+                shape = tuple(grad_sample.shape)
+            if shape != expected:
                 raise RuntimeError(
                     f"module '{info.name}': per-sample grad of '{name}' has shape "
-                    f"{tuple(grad_sample.shape)}, expected {expected} (local shard of "
-                    f"{layout.describe()})."
+                    f"{shape}, expected {expected} (local shard of {layout.describe()})."
                 )
             if token_partial or info.partial_over_tp:
                 if layout.sharded:
@@ -542,15 +559,27 @@ class GradSampleControllerTP:
                         f"module '{info.name}': '{name}' is {layout.describe()} but its "
                         "activations are split across TP ranks too; cannot compute exactly."
                     )
+                # each TP rank holds a partial sum over its tokens: materialise and sum them
+                if isinstance(grad_sample, OuterProducts):
+                    grad_sample = grad_sample.materialise()
                 grad_sample = self.mesh.all_reduce_tp(grad_sample.contiguous())
                 self._partial_over_tp.add(id(info.params[name]))
             self._store(info.params[name], grad_sample, generation)
 
-    def _store(self, param: nn.Parameter, grad_sample: torch.Tensor, generation: int) -> None:
+    def _store(
+        self, param: nn.Parameter, grad_sample: torch.Tensor | OuterProducts, generation: int
+    ) -> None:
         """Sum contributions of one forward pass (a parameter used twice, e.g. tied embeddings);
-        concatenate those of further forward passes not yet consumed by the optimizer."""
+        concatenate those of further forward passes not yet consumed by the optimizer. In ghost
+        mode the contributions are kept as terms of a :class:`FactoredGradSample` (their sum, and
+        the cross terms of its norm, are taken when the optimizer reads it)."""
         key = id(param)
         self._sampled_since_grad[key] = True
+        if self.ghost:
+            if not isinstance(getattr(param, "grad_sample", None), FactoredGradSample):
+                param.grad_sample = FactoredGradSample(self._layouts[key].local_shape)
+            param.grad_sample.add(grad_sample, generation)
+            return
         if getattr(param, "grad_sample", None) is None:
             self._chunks[key] = []
         chunks = self._chunks[key]

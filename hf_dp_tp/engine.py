@@ -79,7 +79,7 @@ class PrivacyEngineGradSampleController:
         batch is yielded as k micro-batches: call ``optimizer.clip_and_accumulate()`` after the
         backward of each of the first k-1 and ``optimizer.step()`` after the k-th.
         """
-        layout = model_layout(module, grad_sample_mode)
+        layout = model_layout(module, grad_sample_mode, device_mesh)
         if self.secure_mode and (noise_seed is not None or sampling_seed is not None):
             raise ValueError("secure_mode draws its randomness from the OS: do not pass seeds.")
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
@@ -115,7 +115,11 @@ class PrivacyEngineGradSampleController:
         )
         # attached last: a rejected argument above leaves the user's model without hooks
         controller = GradSampleControllerTP(
-            module, mesh_info=mesh, loss_reduction=loss_reduction, grad_sample_mode=grad_sample_mode
+            module,
+            device_mesh=device_mesh,
+            mesh_info=mesh,
+            loss_reduction=loss_reduction,
+            grad_sample_mode=grad_sample_mode,
         )
         dp_optimizer.attach_step_hook(lambda opt: plan.step(opt.noise_multiplier))
         self.controller, self.optimizer = controller, dp_optimizer
@@ -138,7 +142,9 @@ class PrivacyEngineGradSampleController:
         optimizer steps) spend exactly ``target_epsilon`` at ``target_delta``."""
         if (epochs is None) == (steps is None):
             raise ValueError("give exactly one of epochs or steps")
-        layout = model_layout(module, kwargs.get("grad_sample_mode", "tp"))
+        layout = model_layout(
+            module, kwargs.get("grad_sample_mode", "tp"), kwargs.get("device_mesh")
+        )
         mesh_probe = resolve_mesh(module, kwargs.get("device_mesh"), tp=layout.tp)
         plan = self._plan(
             data_loader,

@@ -32,10 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ghost import OuterProducts, Term, materialise_terms, tokens_view
 from .parallel import ParamLayout
 
 Layouts = dict[str, ParamLayout]
 ComputeFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Layouts], dict[str, torch.Tensor]]
+#: Like :data:`ComputeFn`, but matrix weights may come back as factors
+#: (:class:`~hf_dp_tp.ghost.OuterProducts`) instead of materialised ``[B, ...]`` tensors.
+FactorsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Layouts], dict[str, Term]]
 CheckFn = Callable[[nn.Module, Layouts], None]
 ProbeFn = Callable[[nn.Module], torch.Tensor]
 
@@ -48,11 +52,21 @@ class UnsupportedLayoutError(ValueError):
 class GradSampler:
     """``compute`` gives per-sample grads of one module call; ``check`` validates layouts early;
     ``probe_input`` (optional) builds a small float64 input for a module of the rule's kind, on
-    which :func:`verify_rule` checks the rule against autograd."""
+    which :func:`verify_rule` checks the rule against autograd; ``factors`` (optional) gives the
+    same gradients with matrix weights as factors, for ghost clipping (``compute`` then
+    materialises them, so both forms come from one rule)."""
 
     compute: ComputeFn
     check: CheckFn
     probe_input: ProbeFn | None = None
+    factors: FactorsFn | None = None
+
+    def compute_factored(
+        self, module: nn.Module, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
+    ) -> dict[str, Term]:
+        """``factors`` where the rule has them, else the materialised gradients."""
+        fn = self.factors or self.compute
+        return fn(module, activation, backprops, layouts)
 
 
 _BY_TYPE: dict[type, GradSampler] = {}
@@ -71,14 +85,18 @@ def register_grad_sampler(
     *,
     check: CheckFn | None = None,
     probe_input: ProbeFn | None = None,
+    factors: FactorsFn | None = None,
 ) -> Callable[[ComputeFn], ComputeFn]:
     """Register ``compute(module, activation, backprops, layouts)`` for a module class (or for
     every module a predicate accepts). Without ``check``, only replicated parameters are allowed.
+    ``factors`` (optional, same arguments) returns matrix weights as
+    :class:`~hf_dp_tp.ghost.OuterProducts` for ghost clipping; without it, ghost clipping
+    materialises this layer's per-sample gradients with ``compute``.
     ``probe_input(module)`` (optional) lets subclasses aliased to this class be verified
     numerically when they are attached (see :func:`register_grad_sampler_alias`)."""
 
     def decorator(fn: ComputeFn) -> ComputeFn:
-        sampler = GradSampler(fn, check or require_replicated, probe_input)
+        sampler = GradSampler(fn, check or require_replicated, probe_input, factors)
         if isinstance(target, type):
             _BY_TYPE[target] = sampler
             _UNVERIFIED_ALIASES.pop(target, None)
@@ -299,7 +317,7 @@ def _require_full(t: torch.Tensor, full: int, what: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- dense layers
-def _dense_grad_sample(
+def _dense_factors(
     activation: torch.Tensor,
     backprops: torch.Tensor,
     layouts: Layouts,
@@ -307,9 +325,11 @@ def _dense_grad_sample(
     in_features: int,
     out_features: int,
     weight_out_dim: int,
-) -> dict[str, torch.Tensor]:
-    """``y = x W^T + b`` (Linear, ``weight_out_dim=0``) or ``y = x W + b`` (Conv1D, ``=1``)."""
-    out: dict[str, torch.Tensor] = {}
+) -> dict[str, Term]:
+    """``y = x W^T + b`` (Linear, ``weight_out_dim=0``) or ``y = x W + b`` (Conv1D, ``=1``): the
+    weight's per-sample gradient as outer products of this rank's slices of the output gradient
+    and the activation, the bias's materialised."""
+    out: dict[str, Term] = {}
     weight = layouts.get("weight")
     if weight is not None:
         if weight.sharded and weight.shard_dim == weight_out_dim:
@@ -321,9 +341,9 @@ def _dense_grad_sample(
         else:
             g = _require_full(backprops, out_features, "output gradient")
             a = _require_full(activation, in_features, "input activation")
-        a = a.to(g.dtype)
-        pattern = "n...o,n...i->noi" if weight_out_dim == 0 else "n...o,n...i->nio"
-        out["weight"] = torch.einsum(pattern, g, a)
+        g, a = tokens_view(g), tokens_view(a)
+        left, right = (g, a) if weight_out_dim == 0 else (a, g)
+        out["weight"] = OuterProducts(left, right, rows=left.shape[-1], dtype=g.dtype)
     bias = layouts.get("bias")
     if bias is not None:
         g = _local_slice(backprops, out_features, bias, "output gradient (bias)")
@@ -349,15 +369,10 @@ def _features_probe(width: int) -> torch.Tensor:
     return x * torch.tensor([1.0, 1e-3], dtype=torch.float64).view(2, 1, 1)
 
 
-@register_grad_sampler(
-    nn.Linear,
-    check=lambda m, lay: _check_dense(m, lay, 0),
-    probe_input=lambda m: _features_probe(m.in_features),
-)
-def linear_grad_sample(
+def linear_factors(
     layer: nn.Linear, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
-) -> dict[str, torch.Tensor]:
-    return _dense_grad_sample(
+) -> dict[str, Term]:
+    return _dense_factors(
         activation,
         backprops,
         layouts,
@@ -367,20 +382,27 @@ def linear_grad_sample(
     )
 
 
+@register_grad_sampler(
+    nn.Linear,
+    check=lambda m, lay: _check_dense(m, lay, 0),
+    probe_input=lambda m: _features_probe(m.in_features),
+    factors=linear_factors,
+)
+def linear_grad_sample(
+    layer: nn.Linear, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
+) -> dict[str, torch.Tensor]:
+    return materialise_terms(linear_factors(layer, activation, backprops, layouts))
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
-@register_grad_sampler(
-    _is_hf_conv1d,
-    check=lambda m, lay: _check_dense(m, lay, 1),
-    probe_input=lambda m: _features_probe(m.nx),
-)
-def conv1d_grad_sample(
+def conv1d_factors(
     layer: nn.Module, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Term]:
     """transformers' GPT-2 ``Conv1D``: weight ``[in, out]``."""
-    return _dense_grad_sample(
+    return _dense_factors(
         activation,
         backprops,
         layouts,
@@ -388,6 +410,19 @@ def conv1d_grad_sample(
         out_features=layer.nf,
         weight_out_dim=1,
     )
+
+
+@register_grad_sampler(
+    _is_hf_conv1d,
+    check=lambda m, lay: _check_dense(m, lay, 1),
+    probe_input=lambda m: _features_probe(m.nx),
+    factors=conv1d_factors,
+)
+def conv1d_grad_sample(
+    layer: nn.Module, activation: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
+) -> dict[str, torch.Tensor]:
+    """transformers' GPT-2 ``Conv1D``: weight ``[in, out]``."""
+    return materialise_terms(conv1d_factors(layer, activation, backprops, layouts))
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -402,18 +437,12 @@ def _check_embedding(module: nn.Module, layouts: Layouts) -> None:
         )
 
 
-@register_grad_sampler(
-    nn.Embedding,
-    check=_check_embedding,
-    probe_input=lambda m: torch.randint(
-        0, m.num_embeddings, (2, 3), generator=torch.Generator().manual_seed(0)
-    ),
-)
-def embedding_grad_sample(
+def embedding_factors(
     layer: nn.Embedding, ids: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
-) -> dict[str, torch.Tensor]:
-    """Rows touched by each sample's ids, restricted to this rank's rows (vocab-parallel,
-    ``Shard(0)``: ids outside the local range are masked) or columns (``Shard(1)``)."""
+) -> dict[str, Term]:
+    """Rows touched by each sample's ids (one-hot rows times the output gradient), restricted to
+    this rank's rows (vocab-parallel, ``Shard(0)``: ids outside the local range touch no row) or
+    columns (``Shard(1)``)."""
     weight = layouts.get("weight")
     if weight is None:
         return {}
@@ -430,10 +459,23 @@ def embedding_grad_sample(
     keep = (local_ids >= 0) & (local_ids < rows)
     if layer.padding_idx is not None:
         keep &= ids != layer.padding_idx
-    flat_index = (torch.arange(batch, device=ids.device).unsqueeze(1) * rows + local_ids)[keep]
-    grad_sample = torch.zeros(batch * rows, g.shape[-1], dtype=g.dtype, device=g.device)
-    grad_sample.index_add_(0, flat_index, g[keep])
-    return {"weight": grad_sample.view(batch, rows, g.shape[-1])}
+    local_ids = torch.where(keep, local_ids, torch.full_like(local_ids, -1))
+    return {"weight": OuterProducts(local_ids, g, rows=rows, dtype=g.dtype)}
+
+
+@register_grad_sampler(
+    nn.Embedding,
+    check=_check_embedding,
+    probe_input=lambda m: torch.randint(
+        0, m.num_embeddings, (2, 3), generator=torch.Generator().manual_seed(0)
+    ),
+    factors=embedding_factors,
+)
+def embedding_grad_sample(
+    layer: nn.Embedding, ids: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
+) -> dict[str, torch.Tensor]:
+    """:func:`embedding_factors`, materialised ``[B, local rows, local cols]``."""
+    return materialise_terms(embedding_factors(layer, ids, backprops, layouts))
 
 
 # --------------------------------------------------------------------------- norms
@@ -662,16 +704,25 @@ def _check_scaled_embedding(module: nn.Module, layouts: Layouts) -> None:
         raise UnsupportedLayoutError("a trainable embed_scale")
 
 
+def scaled_embedding_factors(
+    layer: nn.Embedding, ids: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
+) -> dict[str, Term]:
+    """``y = E[ids] · s``: the embedding rule on ``s · g``."""
+    scale = _embed_scale(layer, backprops.dtype)
+    return embedding_factors(layer, ids, backprops * scale, layouts)
+
+
 def scaled_embedding_grad_sample(
     layer: nn.Embedding, ids: torch.Tensor, backprops: torch.Tensor, layouts: Layouts
 ) -> dict[str, torch.Tensor]:
-    """``y = E[ids] · s``: the embedding rule on ``s · g``."""
-    scale = _embed_scale(layer, backprops.dtype)
-    return embedding_grad_sample(layer, ids, backprops * scale, layouts)
+    return materialise_terms(scaled_embedding_factors(layer, ids, backprops, layouts))
 
 
 SCALED_EMBEDDING = GradSampler(
-    scaled_embedding_grad_sample, _check_scaled_embedding, _BY_TYPE[nn.Embedding].probe_input
+    scaled_embedding_grad_sample,
+    _check_scaled_embedding,
+    _BY_TYPE[nn.Embedding].probe_input,
+    scaled_embedding_factors,
 )
 _SCALED_EMBEDDING_CLASSES = _hf(
     "gemma.GemmaTextScaledWordEmbedding",

@@ -4,13 +4,15 @@
   parameters) or ``"tp"`` (tensor-parallel: DTensor parameters sharded over the TP group, contract
   rule 2, docs/usage.md). FSDP over the DP dimension will be a third value. It is a property of the
   parameters and the mesh (:func:`infer_layout`).
-- The **clipping method**: how the per-sample norms and the clipped sum are obtained. Today one
-  method, per-sample gradients materialised by hooks (:data:`PER_SAMPLE`); ghost clipping is
-  reserved and not accepted yet.
+- The **clipping method**: how the per-sample norms and the clipped sum are obtained: per-sample
+  gradients materialised by hooks (:data:`PER_SAMPLE`), or ghost norms with a book-keeping
+  clipped sum (:data:`GHOST`, :mod:`hf_dp_tp.ghost`: matrix weights kept as factors, never as
+  ``B × parameters``).
 
-The public ``grad_sample_mode`` names both at once, for compatibility: ``"tp"`` and ``"hooks"`` are
-both per-sample hooks, ``"tp"`` on a tensor-parallel model and ``"hooks"`` on one without tensor
-parallelism. :func:`model_layout` maps a mode and a model to ``(layout, method)`` and refuses a
+The public ``grad_sample_mode`` names the method, and for the seed's two modes the layout too:
+``"tp"`` and ``"hooks"`` are both per-sample hooks, ``"tp"`` on a tensor-parallel model and
+``"hooks"`` on one without tensor parallelism; ``"ghost"`` works on either, its layout inferred
+from the model. :func:`model_layout` maps a mode and a model to ``(layout, method)`` and refuses a
 mode that contradicts the model's parameters.
 """
 
@@ -29,12 +31,17 @@ TP = "tp"
 LAYOUTS = (PLAIN, TP)
 
 PER_SAMPLE = "per_sample"
-#: Clipping methods that exist. ``"ghost"`` (norms without materialising per-sample gradients)
-#: is reserved for it and is not accepted until it exists.
-CLIPPING_METHODS = (PER_SAMPLE,)
+GHOST = "ghost"
+#: Clipping methods: materialised per-sample gradients, or ghost norms + book-keeping sums.
+CLIPPING_METHODS = (PER_SAMPLE, GHOST)
 
-#: Public ``grad_sample_mode`` values → (clipping method, layout the mode declares).
-_MODES: dict[str, tuple[str, str]] = {"tp": (PER_SAMPLE, TP), "hooks": (PER_SAMPLE, PLAIN)}
+#: Public ``grad_sample_mode`` values → (clipping method, layout the mode declares; None: the
+#: layout is inferred from the model).
+_MODES: dict[str, tuple[str, str | None]] = {
+    "tp": (PER_SAMPLE, TP),
+    "hooks": (PER_SAMPLE, PLAIN),
+    "ghost": (GHOST, None),
+}
 GRAD_SAMPLE_MODES = tuple(_MODES)
 
 
@@ -58,7 +65,7 @@ def check_grad_sample_mode(grad_sample_mode: str) -> None:
         raise ValueError(
             f"unknown grad_sample_mode {grad_sample_mode!r}: grad_sample_mode must be one of "
             f"{GRAD_SAMPLE_MODES} ('tp' for tensor-parallel models, 'hooks' for models without "
-            "TP)."
+            "TP, 'ghost' for either: ghost norms, no per-sample gradients materialised)."
         )
 
 
@@ -68,8 +75,9 @@ def clipping_method(grad_sample_mode: str) -> str:
     return _MODES[grad_sample_mode][0]
 
 
-def declared_layout(grad_sample_mode: str) -> str:
-    """The layout a ``grad_sample_mode`` stands for (``"tp"`` → TP, ``"hooks"`` → plain)."""
+def declared_layout(grad_sample_mode: str) -> str | None:
+    """The layout a ``grad_sample_mode`` stands for (``"tp"`` → TP, ``"hooks"`` → plain,
+    ``"ghost"`` → None: inferred from the model)."""
     check_grad_sample_mode(grad_sample_mode)
     return _MODES[grad_sample_mode][1]
 
@@ -91,8 +99,11 @@ def infer_layout(module: nn.Module, device_mesh: DeviceMesh | None = None) -> st
     return PLAIN
 
 
-def model_layout(module: nn.Module, grad_sample_mode: str) -> ModelLayout:
-    """The layout and clipping method of ``module`` trained with ``grad_sample_mode``.
+def model_layout(
+    module: nn.Module, grad_sample_mode: str, device_mesh: DeviceMesh | None = None
+) -> ModelLayout:
+    """The layout and clipping method of ``module`` trained with ``grad_sample_mode`` (on
+    ``device_mesh``, when given: a mode whose layout is inferred reads its TP size).
 
     A mode declaring the plain layout (``"hooks"``) on a model with DTensor parameters is refused:
     per-sample gradients of shards would be computed as if they were whole tensors (wrong norms).
@@ -101,6 +112,8 @@ def model_layout(module: nn.Module, grad_sample_mode: str) -> ModelLayout:
     """
     method = clipping_method(grad_sample_mode)
     layout = declared_layout(grad_sample_mode)
+    if layout is None:
+        return ModelLayout(layout=infer_layout(module, device_mesh), method=method)
     if layout == PLAIN and infer_layout(module) == TP:
         raise ValueError(
             f"the model has DTensor (tensor-parallel) parameters but grad_sample_mode="

@@ -21,8 +21,9 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .controller import LOSS_REDUCTIONS
+from .ghost import GradSample, clipped_sum_of, squared_norms_of
 from .noise import NoiseSource
-from .norms import accumulation_dtype, per_sample_norms
+from .norms import accumulation_dtype, reduce_squared_norms
 from .parallel import MeshInfo, ParamLayout, param_layout
 from .randomness import agree_on_seed
 
@@ -232,7 +233,9 @@ class DPOptimizerTP(Optimizer):
                     "controller attached before the forward pass?). Refusing to step."
                 )
             return
-        norms = per_sample_norms([(g, self.layout_of(p)) for p, g in samples], self.mesh)
+        norms = reduce_squared_norms(
+            [(squared_norms_of(g), self.layout_of(p).sharded) for p, g in samples], self.mesh
+        )
         factors = self.clip_factors(norms)
         self.last_per_sample_norms, self.last_clip_factors = norms, factors
         self.accumulate_clipped(samples, factors)
@@ -244,13 +247,13 @@ class DPOptimizerTP(Optimizer):
         return (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
 
     def accumulate_clipped(
-        self, samples: list[tuple[torch.nn.Parameter, torch.Tensor]], factors: torch.Tensor
+        self, samples: list[tuple[torch.nn.Parameter, GradSample]], factors: torch.Tensor
     ) -> None:
         """Contract rule 5 (docs/usage.md): add ``Σ_i c_i g_{p,i}`` (in at least fp32) to each
-        parameter's running clipped sum and consume its ``grad_sample``."""
+        parameter's running clipped sum and consume its ``grad_sample`` (materialised, or
+        factored: then the sum is one contraction of its factors, :mod:`hf_dp_tp.ghost`)."""
         for p, grad_sample in samples:
-            dtype = accumulation_dtype(grad_sample)
-            clipped = torch.einsum("n,n...->...", factors.to(dtype), grad_sample.to(dtype))
+            clipped = clipped_sum_of(grad_sample, factors).reshape(self.layout_of(p).local_shape)
             key = id(p)
             if key in self._clipped_sums:
                 self._clipped_sums[key].add_(clipped)

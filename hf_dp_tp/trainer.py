@@ -214,10 +214,13 @@ class DPTrainer(Trainer):
             self.mesh_info = MeshInfo()
         else:
             self.mesh_info = resolve_mesh(
-                self.model, self.device_mesh, tp=model_layout(self.model, args.grad_sample_mode).tp
+                self.model,
+                self.device_mesh,
+                tp=model_layout(self.model, args.grad_sample_mode, self.device_mesh).tp,
             )
         self.grad_sample_controller = GradSampleControllerTP(
             self.model,
+            device_mesh=self.device_mesh,
             grad_sample_mode=args.grad_sample_mode,
             mesh_info=self.mesh_info,
             loss_reduction="mean",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -26,10 +27,12 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
     }
 
 
-def _accumulation_run(base, mesh, batch, mode: str, sigma: float) -> dict[str, torch.Tensor]:
+def _accumulation_run(
+    base, mesh, batch, mode: str, sigma: float, method: str = "tp"
+) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(base)
     apply_tp_plan(model, mesh["tp"], models.toy_mlp_plan())
-    controller = GradSampleControllerTP(model, device_mesh=mesh)
+    controller = GradSampleControllerTP(model, device_mesh=mesh, grad_sample_mode=method)
     optimizer = models.dp_optimizer(
         torch.optim.SGD(model.parameters(), lr=0.0),
         controller.mesh,
@@ -64,11 +67,13 @@ def _accumulation_worker(rank: int, world: int) -> dict[str, float]:
     errors = {}
     for sigma in (0.0, 0.7):
         reference = _accumulation_run(base, mesh, batch, "one_batch", sigma)
-        for mode in ("clip_and_accumulate", "skip_step", "two_backwards"):
-            grads = _accumulation_run(base, mesh, batch, mode, sigma)
-            errors[f"{mode}_sigma{sigma}"] = max(
-                (grads[k] - reference[k]).abs().max().item() for k in reference
-            )
+        for method in ("tp", "ghost"):  # ghost against the per-sample one-batch reference
+            modes = ("one_batch",) if method == "ghost" else ()
+            for mode in (*modes, "clip_and_accumulate", "skip_step", "two_backwards"):
+                grads = _accumulation_run(base, mesh, batch, mode, sigma, method)
+                errors[f"{method}_{mode}_sigma{sigma}"] = max(
+                    (grads[k] - reference[k]).abs().max().item() for k in reference
+                )
     return errors
 
 
@@ -104,7 +109,7 @@ def _gpt2_losses(model, batch):
     return models.token_mean_losses(model(input_ids=ids, position_ids=positions).logits, ids)
 
 
-def _hooks_mode_errors(dp_rank: int, dp_size: int) -> dict[str, float]:
+def _hooks_mode_errors(dp_rank: int, dp_size: int, mode: str = "hooks") -> dict[str, float]:
     model = _gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
     reference = copy.deepcopy(model)
@@ -114,7 +119,7 @@ def _hooks_mode_errors(dp_rank: int, dp_size: int) -> dict[str, float]:
     expected = models.reference_dp_update(grads, norms, clip, 6)
 
     mesh = resolve_mesh(model, None, tp=False)
-    controller = GradSampleControllerTP(model, grad_sample_mode="hooks", mesh_info=mesh)
+    controller = GradSampleControllerTP(model, grad_sample_mode=mode, mesh_info=mesh)
     optimizer = models.dp_optimizer(
         torch.optim.SGD(model.parameters(), lr=0.0), mesh, clip=clip, expected_batch=6
     )
@@ -137,9 +142,11 @@ def _hooks_worker(rank: int, world: int) -> dict[str, float]:
     return _hooks_mode_errors(rank, world)
 
 
-def test_hooks_mode_gpt2_single_process():
-    errors = _hooks_mode_errors(0, 1)
-    print("hooks mode GPT-2, one process:", errors)
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_hooks_mode_gpt2_single_process(mode):
+    """GPT-2: Conv1D layers and a tied wte / lm_head, per-sample and ghost."""
+    errors = _hooks_mode_errors(0, 1, mode)
+    print(f"{mode} mode GPT-2, one process:", errors)
     assert errors["norm_err"] < 1e-9 and errors["update_err"] < 1e-9, errors
 
 

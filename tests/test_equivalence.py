@@ -5,7 +5,9 @@ per-sample norms and the applied SGD(lr=1) update of every parameter of a TP (t=
 (d=2, t=2) run must equal the single-process reference computed one sample at a time on the full
 model. Any norm reduced over the wrong group, a replicated parameter counted twice, a
 global-shaped grad summed into a shard, a wrong divisor or a grad written where the optimizer
-does not read it breaks these equalities.
+does not read it breaks these equalities. Ghost clipping (``grad_sample_mode="ghost"``: norms
+from factors, clipped sums by contraction, tied weights with their cross term) must meet the same
+equalities, in each of its norm forms.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hf_dp_tp import GradSampleControllerTP, init_dp_tp_mesh
+from hf_dp_tp.ghost import norm_form
 from hf_dp_tp.parallel import apply_tp_plan, llama_sequence_parallel_plan
 from tests import models
 from tests.distributed_harness import run_distributed
@@ -57,7 +60,19 @@ def _case(name: str, tmp: str):
     raise ValueError(name)
 
 
-def _run_case(name: str, tmp: str, tp_size: int, empty_share: bool = False) -> dict[str, float]:
+def _run_case(
+    name: str, tmp: str, tp_size: int, empty_share: bool = False, mode: str = "tp"
+) -> dict[str, float]:
+    """``mode``: ``"tp"`` (per-sample hooks), or ``"ghost"`` / ``"ghost:<form>"`` (ghost clipping,
+    norms of factored layers in that form: ``auto``, ``ghost`` token Grams or ``materialise``)."""
+    grad_sample_mode, _, form = mode.partition(":")
+    with norm_form(form or "auto"):
+        return _run_case_in_form(name, tmp, tp_size, empty_share, grad_sample_mode)
+
+
+def _run_case_in_form(
+    name: str, tmp: str, tp_size: int, empty_share: bool, grad_sample_mode: str
+) -> dict[str, float]:
     mesh = init_dp_tp_mesh(tp_size)
     dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
     model, plan, batch, loss_fn, *preloaded = _case(name, tmp)
@@ -72,7 +87,9 @@ def _run_case(name: str, tmp: str, tp_size: int, empty_share: bool = False) -> d
 
     if plan is not None:
         apply_tp_plan(model, mesh["tp"], plan)
-    controller = GradSampleControllerTP(model, device_mesh=mesh if plan is not None else None)
+    controller = GradSampleControllerTP(
+        model, device_mesh=mesh if plan is not None else None, grad_sample_mode=grad_sample_mode
+    )
     optimizer = models.dp_optimizer(
         torch.optim.SGD(model.parameters(), lr=1.0),
         controller.mesh,
@@ -124,10 +141,24 @@ def _run_case(name: str, tmp: str, tp_size: int, empty_share: bool = False) -> d
 
 
 def _worker(
-    rank: int, world: int, cases: list[str], tmp: str, tp_size: int, empty_share: bool = False
+    rank: int,
+    world: int,
+    cases: list[str],
+    tmp: str,
+    tp_size: int,
+    empty_share: bool = False,
+    modes: tuple[str, ...] = ("tp",),
 ) -> dict:
     torch.manual_seed(1234 + rank)  # the global RNG must play no role
-    return {case: _run_case(case, tmp, tp_size, empty_share) for case in cases}
+    return {
+        f"{case} [{mode}]": _run_case(case, tmp, tp_size, empty_share, mode)
+        for mode in modes
+        for case in cases
+    }
+
+
+#: per-sample hooks, and ghost clipping with each norm form of its factored layers
+MODES = ("tp", "ghost", "ghost:ghost", "ghost:materialise")
 
 
 CASES = [
@@ -162,13 +193,14 @@ def _check(results: list[dict], world: int) -> None:
 
 
 def test_tp2_matches_single_process_dp_sgd(llama_dir):
+    """Per-sample and ghost clipping, each against the single-process reference."""
     cases = [*CASES, "llama_from_pretrained_tp_plan"]
-    _check(run_distributed(_worker, 2, cases, llama_dir, 2), 2)
+    _check(run_distributed(_worker, 2, cases, llama_dir, 2, False, MODES), 2)
 
 
 @pytest.mark.slow
 def test_dp2_tp2_matches_single_process_dp_sgd(llama_dir):
-    _check(run_distributed(_worker, 4, CASES, llama_dir, 2), 4)
+    _check(run_distributed(_worker, 4, CASES, llama_dir, 2, False, ("tp", "ghost")), 4)
 
 
 @pytest.mark.slow
@@ -176,4 +208,4 @@ def test_dp2_tp2_with_an_empty_dp_share(llama_dir):
     """Poisson sampling gives DP ranks uneven, possibly empty shares: the rank with nothing still
     steps (its zero sum joins the DP all-reduce) and the result is unchanged."""
     cases = ["toy_mlp", "embed_norm", "llama_hf_plan"]
-    _check(run_distributed(_worker, 4, cases, llama_dir, 2, True), 4)
+    _check(run_distributed(_worker, 4, cases, llama_dir, 2, True, ("tp", "ghost")), 4)

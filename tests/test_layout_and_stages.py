@@ -1,5 +1,5 @@
 """The two axes of a run are decided once (hf_dp_tp.layout): the public grad_sample_mode maps to a
-clipping method and a layout, and "ghost" is refused until the method exists; per-sample norms are
+clipping method and a layout ("ghost" infers the layout from the model); per-sample norms are
 reduced from per-layer squared norms (contract rule 3, docs/usage.md, in hf_dp_tp.norms); the
 optimizer's step is a sequence of named stages that a subclass can replace one at a time."""
 
@@ -21,6 +21,7 @@ from hf_dp_tp import (
 )
 from hf_dp_tp.layout import (
     CLIPPING_METHODS,
+    GHOST,
     GRAD_SAMPLE_MODES,
     PER_SAMPLE,
     PLAIN,
@@ -40,26 +41,27 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
 
 
-def test_modes_map_to_per_sample_hooks_and_a_layout():
-    assert GRAD_SAMPLE_MODES == ("tp", "hooks")
-    assert CLIPPING_METHODS == (PER_SAMPLE,)
+def test_modes_map_to_a_method_and_a_layout():
+    assert GRAD_SAMPLE_MODES == ("tp", "hooks", "ghost")
+    assert CLIPPING_METHODS == (PER_SAMPLE, GHOST)
     assert clipping_method("tp") == clipping_method("hooks") == PER_SAMPLE
+    assert clipping_method("ghost") == GHOST
     assert (declared_layout("tp"), declared_layout("hooks")) == (TP, PLAIN)
+    assert declared_layout("ghost") is None  # inferred from the model
     assert model_layout(_mlp(), "hooks") == ModelLayout(layout=PLAIN, method=PER_SAMPLE)
+    assert model_layout(_mlp(), "ghost") == ModelLayout(layout=PLAIN, method=GHOST)
     assert model_layout(_mlp(), "tp").tp and not model_layout(_mlp(), "hooks").tp
     assert infer_layout(_mlp()) == PLAIN
 
 
-def test_ghost_is_refused_until_it_exists():
-    """ "ghost" is reserved for a method that does not exist yet: every entry point refuses it
-    with the unknown-mode error rather than training with another method."""
+def test_unknown_modes_are_refused_by_every_entry_point():
     from hf_dp_tp import DPTrainingArguments
 
-    match = r"unknown grad_sample_mode 'ghost'.*'tp', 'hooks'"
+    match = r"unknown grad_sample_mode 'functorch'.*'tp', 'hooks', 'ghost'"
     with pytest.raises(ValueError, match=match):
-        GradSampleControllerTP(_mlp(), grad_sample_mode="ghost")
+        GradSampleControllerTP(_mlp(), grad_sample_mode="functorch")
     with pytest.raises(ValueError, match=match):
-        model_layout(_mlp(), "ghost")
+        model_layout(_mlp(), "functorch")
     model = _mlp()
     data = TensorDataset(torch.randn(16, 4), torch.randn(16, 2))
     with pytest.raises(ValueError, match=match):
@@ -69,12 +71,15 @@ def test_ghost_is_refused_until_it_exists():
             data_loader=DataLoader(data, batch_size=4),
             noise_multiplier=1.0,
             max_grad_norm=1.0,
-            grad_sample_mode="ghost",
+            grad_sample_mode="functorch",
         )
     assert not any(m._forward_hooks for m in model.modules())
-    with pytest.raises(ValueError, match=r"grad_sample_mode must be one of"):
+    with pytest.raises(ValueError, match=match):
         DPTrainingArguments(
-            output_dir="/tmp/unused", report_to=[], noise_multiplier=1.0, grad_sample_mode="ghost"
+            output_dir="/tmp/unused",
+            report_to=[],
+            noise_multiplier=1.0,
+            grad_sample_mode="functorch",
         )
 
 

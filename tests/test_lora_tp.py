@@ -73,7 +73,9 @@ def _build(case: str, path: str, mesh):
     return peft_model
 
 
-def _run_case(case: str, path: str, mesh, save_dir: str | None) -> dict:
+def _run_case(
+    case: str, path: str, mesh, save_dir: str | None, grad_sample_mode: str = "tp"
+) -> dict:
     from peft import get_peft_model, set_peft_model_state_dict
 
     dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
@@ -95,7 +97,9 @@ def _run_case(case: str, path: str, mesh, save_dir: str | None) -> dict:
     assert all("lora_" in n for n in trainable)
 
     controller = GradSampleControllerTP(
-        model, device_mesh=mesh if case != "hf_tp_loading" else None
+        model,
+        device_mesh=mesh if case != "hf_tp_loading" else None,
+        grad_sample_mode=grad_sample_mode,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -169,6 +173,8 @@ def _worker(rank: int, world: int, path: str, tp_size: int, save_dir: str | None
         case: _run_case(case, path, mesh, save_dir if case == "tp_then_peft" else None)
         for case in cases
     }
+    for case in ("tp_then_peft", "peft_then_tp"):  # ghost clipping of the adapters
+        results[f"{case} [ghost]"] = _run_case(case, path, mesh, None, "ghost")
     if world == tp_size:  # once is enough
         results["refusals"] = _refusals(path, mesh)
     dist.barrier()

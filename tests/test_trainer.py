@@ -151,6 +151,22 @@ def _assert_saved_equals_reference(model_dir: str, out: str, expected: dict) -> 
         pytest.param(
             2,
             {
+                "grad_sample_mode": "ghost",
+                "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 2,
+                "gradient_checkpointing": True,
+            },
+            id="tp2_ghost_ga2_checkpointing",
+        ),
+        pytest.param(
+            4,
+            {"grad_sample_mode": "ghost", "per_device_train_batch_size": 4},
+            id="dp2_tp2_ghost",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            2,
+            {
                 "gradient_checkpointing": True,
                 "gradient_checkpointing_kwargs": {"use_reentrant": True},
             },
@@ -162,11 +178,13 @@ def test_train_one_step_equals_single_process_dp_sgd(llama_dir, tmp_path, world,
     _one_step_equivalence(llama_dir, tmp_path, world, overrides)
 
 
-def test_tied_embeddings_one_step_and_plain_save(tied_llama_dir, tmp_path):
-    """The tied weight's update is the sum of both uses; the saved checkpoint stays tied."""
+@pytest.mark.parametrize("mode", ["tp", "ghost"])
+def test_tied_embeddings_one_step_and_plain_save(tied_llama_dir, tmp_path, mode):
+    """The tied weight's update is the sum of both uses (its norm, in ghost mode, includes the
+    cross term of the two uses); the saved checkpoint stays tied."""
     from transformers import AutoModelForCausalLM
 
-    _one_step_equivalence(tied_llama_dir, tmp_path, 2, {})
+    _one_step_equivalence(tied_llama_dir, tmp_path, 2, {"grad_sample_mode": mode})
     saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert saved.lm_head.weight is saved.model.embed_tokens.weight
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..ghost import FactoredGradSample, batch_size_of
 from ..optimizer import DPOptimizerTP
 from ..randomness import share_seed
 from ..trainer import DPTrainer
@@ -54,13 +55,16 @@ class CanaryDPOptimizer(DPOptimizerTP):
         if ids is not None and ids.numel() > 0 and self.canaries is not None:
             params = self.params()
             existing = [getattr(p, "grad_sample", None) for p in params]
-            num_records = next((g.shape[0] for g in existing if g is not None), 0)
+            num_records = next((batch_size_of(g) for g in existing if g is not None), 0)
             dtypes = [
                 g.dtype if g is not None else (p.to_local() if isinstance(p, DTensor) else p).dtype
                 for p, g in zip(params, existing, strict=True)
             ]
             rows = self.canaries.per_sample_rows(ids, self.canary_gradient_norm, dtypes)
             for p, g, row in zip(params, existing, rows, strict=True):
+                if isinstance(g, FactoredGradSample):
+                    g.append_samples(row.to(g.generations[0][0].dtype))
+                    continue
                 if g is None:
                     g = row.new_zeros((num_records, *row.shape[1:]))
                 p.grad_sample = torch.cat([g, row.to(g.device)])
