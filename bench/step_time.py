@@ -25,6 +25,10 @@ peak memory is that configuration's own (on CPU ``ru_maxrss`` is a lifetime high
   (foreach), plus a plain all-reduce of the gradients over the DP group when dp > 1;
 - (b) the same launch with ``--worker b``: DP-SGD with this package (``GradSampleControllerTP`` +
   ``DPOptimizerTP`` around the same AdamW; per-sample grads, clipping, noise, DP all-reduce);
+- (g) the same launch with ``--worker g`` (skipped with ``--no_ghost``): (b) with
+  ``grad_sample_mode="ghost"`` (ghost norms and book-keeping clipped sums, hf_dp_tp.ghost; in
+  its breakdown ``backward_with_per_sample_hooks`` is the backward that stores the factors and
+  ``clip_and_norms`` computes the norms and the clipped sums from them);
 - (c) ``python bench/step_time.py --worker c``: opacus ``GradSampleModule`` + ``DPOptimizer`` on
   the full (unsharded) model in one process, over the global batch (``batch * dp``);
 - (s) with ``--secure_mode`` only: (b) again with ``DPOptimizerTP(secure_mode=True)`` (noise from
@@ -68,6 +72,10 @@ Output fields:
   RSS on CPU, ``memory_allocated`` on CUDA; ``*_increase_mb``: peak minus after-build (per rank,
   then max over ranks), i.e. what training adds (optimizer state, grads, per-sample grads,
   activations). ``memory_metric`` says which measure was used.
+- ``dp_tp_ghost_s``, ``ratio_ghost_over_non_private``, ``dp_tp_ghost_*_mb``,
+  ``dp_tp_ghost_breakdown_s``, ``ghost_overhead_note``: (g), null with ``--no_ghost``.
+  ``increase_ratio_dp_tp_over_non_private`` / ``increase_ratio_ghost_over_non_private``: the memory
+  training adds (``*_increase_mb``) of (b) / (g) over that of (a).
 - ``opacus_single_process_skipped``: null when (c) ran, else why not (``--no_opacus``, estimated
   not to fit in free memory, out of memory, failed); its fields are then null.
 - ``non_private_breakdown_s`` ({forward, backward, grad_all_reduce (dp>1 only), optimizer_step,
@@ -146,6 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 CONFIGS = {
     "a": "non_private_tp",
     "b": "dp_tp",
+    "g": "dp_tp_ghost",
     "s": "dp_tp_secure",
     "c": "opacus_single_process",
 }
@@ -181,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{what}; overrides the preset")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--no_opacus", action="store_true", help="skip (c), single-process opacus")
+    p.add_argument("--no_ghost", action="store_true", help="skip (g), DP-TP with ghost clipping")
     p.add_argument(
         "--secure_mode",
         action="store_true",
@@ -425,7 +435,8 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
             opt.step = sw.wrap("optimizer_step", opt.step)
 
     else:
-        controller = GradSampleControllerTP(model, device_mesh=mesh)
+        mode = "ghost" if kind == "g" else "tp"
+        controller = GradSampleControllerTP(model, device_mesh=mesh, grad_sample_mode=mode)
         opt = DPOptimizerTP(
             inner,
             noise_multiplier=1.0,
@@ -761,14 +772,15 @@ def driver(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="step_time_") as tmp_dir:
         tmp = Path(tmp_dir)
         write_json(str(tmp / "config.json"), cfg)
-        for kind in ("a", "b", "s") if args.secure_mode else ("a", "b"):
+        kinds = ["a", "b"] + ([] if args.no_ghost else ["g"]) + (["s"] if args.secure_mode else [])
+        for kind in kinds:
             results[kind], error = launch(kind, cfg, tmp, env, args.timeout)
             if error is not None:
                 raise SystemExit(f"({kind}) {CONFIGS[kind]} failed: {error}")
         if skipped is None:
             results["c"], error = launch("c", cfg, tmp, env, args.timeout)
             skipped = error or (results["c"] or {}).get("skipped")
-    a, b, secure = results["a"], results["b"], results.get("s")
+    a, b, secure, ghost = results["a"], results["b"], results.get("s"), results.get("g")
     c = None if skipped else results["c"]
 
     cfg["n_params"] = a["n_params"]
@@ -791,12 +803,17 @@ def driver(args: argparse.Namespace) -> None:
         "threads": threads,
         "memory_metric": memory_metric(a["device_type"]),
     }
-    runs = (("a", a), ("b", b), ("c", c), ("s", secure))
+    runs = (("a", a), ("b", b), ("g", ghost), ("c", c), ("s", secure))
     for kind, res in runs:
         out[f"{CONFIGS[kind]}_s"] = res["median_s"] if res else None
     out["ratio_dp_tp_over_non_private"] = b["median_s"] / a["median_s"]
     out["ratio_dp_tp_over_opacus"] = b["median_s"] / c["median_s"] if c else None
     out["ratio_secure_over_seeded"] = secure["median_s"] / b["median_s"] if secure else None
+    out["ratio_ghost_over_non_private"] = ghost["median_s"] / a["median_s"] if ghost else None
+    out["increase_ratio_dp_tp_over_non_private"] = b["increase_mb"] / a["increase_mb"]
+    out["increase_ratio_ghost_over_non_private"] = (
+        ghost["increase_mb"] / a["increase_mb"] if ghost else None
+    )
     for field in ("peak_mb", "after_build_mb", "increase_mb"):
         for kind, res in runs:
             out[f"{CONFIGS[kind]}_{field}"] = res[field] if res else None
@@ -806,7 +823,12 @@ def driver(args: argparse.Namespace) -> None:
     out["dp_tp_breakdown_s"] = b["breakdown_s"]
     out["dp_tp_breakdown_extra_s"] = b["breakdown_extra_s"]
     out["dp_tp_secure_breakdown_s"] = secure["breakdown_s"] if secure else None
+    out["dp_tp_ghost_breakdown_s"] = ghost["breakdown_s"] if ghost else None
+    out["dp_tp_ghost_breakdown_extra_s"] = ghost["breakdown_extra_s"] if ghost else None
     out["overhead_note"] = overhead_note(a, b)
+    out["ghost_overhead_note"] = (
+        overhead_note(a, ghost).replace("DP-TP", "ghost") if ghost else None
+    )
     print(json.dumps(out))
 
 

@@ -157,6 +157,33 @@ def _worker(
     }
 
 
+def _mutant_worker(rank: int, world: int, tmp: str) -> dict[str, float]:
+    """Ghost clipping with rule 3 broken: a replicated parameter's squared norm counted on every
+    TP rank (the all-reduce sums it ``tp_size`` times). The comparison must catch it."""
+    from unittest import mock
+
+    from hf_dp_tp import controller as controller_module
+    from hf_dp_tp import norms as norms_module
+    from hf_dp_tp import optimizer as optimizer_module
+
+    original = norms_module.reduce_squared_norms
+
+    def replicated_counted_per_rank(squared_norms, mesh):
+        return original([(s, True) for s, _ in squared_norms], mesh)
+
+    with (
+        mock.patch.object(optimizer_module, "reduce_squared_norms", replicated_counted_per_rank),
+        mock.patch.object(controller_module, "reduce_squared_norms", replicated_counted_per_rank),
+    ):
+        return _run_case("llama_tied_hf_plan", tmp, 2, False, "ghost")
+
+
+def test_a_replicated_norm_counted_on_every_tp_rank_is_caught(llama_dir):
+    for r in run_distributed(_mutant_worker, 2, llama_dir):
+        print("mutant (replicated counted per TP rank):", r)
+        assert r["norm_err"] > 1e-3 and r["update_err"] > 1e-3, r
+
+
 #: per-sample hooks, and ghost clipping with each norm form of its factored layers
 MODES = ("tp", "ghost", "ghost:ghost", "ghost:materialise")
 
