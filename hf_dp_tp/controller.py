@@ -26,7 +26,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from .ghost import FactoredGradSample, OuterProducts, batch_size_of, squared_norms_of, sum_of
+from .ghost import (
+    FactoredGradSample,
+    OuterProducts,
+    batch_size_of,
+    keeps_factors,
+    squared_norms_of,
+    sum_of,
+)
 from .grad_samplers import GradSampler, UnsupportedLayoutError, find_grad_sampler
 from .layout import GHOST, GRAD_SAMPLE_MODES, check_grad_sample_mode, model_layout  # noqa: F401
 from .norms import (  # noqa: F401  (per_sample_norms & co. stay importable from here)
@@ -563,6 +570,8 @@ class GradSampleControllerTP:
                 if isinstance(grad_sample, OuterProducts):
                     grad_sample = grad_sample.materialise()
                 grad_sample = self.mesh.all_reduce_tp(grad_sample.contiguous())
+            elif isinstance(grad_sample, OuterProducts) and not keeps_factors(grad_sample):
+                grad_sample = grad_sample.materialise()  # smaller than its factors
                 self._partial_over_tp.add(id(info.params[name]))
             self._store(info.params[name], grad_sample, generation)
 

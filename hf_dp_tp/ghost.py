@@ -12,7 +12,10 @@ On a TP rank every factor is the *local* one (the rank's rows, columns or vocabu
 ``G_i`` is this rank's slice of the per-sample gradient and its squared norm is summed over the TP
 group like any sharded one (contract rule 3, docs/usage.md).
 
-Nothing of size ``B × parameters`` is built unless it is the cheaper form. For the terms of one
+Nothing of size ``B × parameters`` is kept unless it is the smaller form: a layer whose
+materialised per-sample gradient (``m·n`` per sample) is smaller than its factors (``T(m + n)``)
+is materialised as soon as its output gradient arrives (:func:`keeps_factors`; e.g. long
+sequences on small layers, LoRA adapters), like the per-sample mode. For the factored terms of one
 parameter (several when the parameter is used more than once in a forward pass, e.g. an embedding
 tied to the LM head):
 
@@ -191,6 +194,18 @@ def prefers_ghost(terms: list[OuterProducts]) -> bool:
         t.materialise_cost() - t.rows * t.cols for t in terms
     )
     return _ghost_cost(terms) < materialise
+
+
+def keeps_factors(term: OuterProducts) -> bool:
+    """Per-layer choice of what a call leaves until clipping: its factors (``T(m + n)`` values
+    per sample) or its materialised gradient (``m n`` values per sample), whichever is smaller.
+    A materialised gradient is also cheaper to clip (a weighted sum over the batch instead of a
+    contraction over batch and tokens). :func:`norm_form` other than ``"auto"`` keeps factors
+    (so that the forced form applies to every factored layer)."""
+    if _norm_form != "auto":
+        return True
+    per_token = 1 + term.cols if term.is_index else term.rows + term.cols
+    return term.tokens * per_token < term.rows * term.cols
 
 
 def materialise_terms(terms: dict[str, Term]) -> dict[str, torch.Tensor]:

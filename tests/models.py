@@ -63,7 +63,7 @@ class EmbedNormNet(nn.Module):
         self.head = nn.Linear(dim, vocab, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
         h = self.tok(ids) + self.pos(positions)
         h = h + self.down(torch.relu(self.up(self.norm1(h))))
         return self.head(self.norm2(h))
@@ -151,7 +151,7 @@ def load_tiny_llama(path: str):
 
 def llama_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     ids = batch["input_ids"]
-    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
     logits = model(input_ids=ids, position_ids=positions).logits
     if isinstance(logits, DTensor):
         logits = logits.full_tensor()
