@@ -570,9 +570,9 @@ class GradSampleControllerTP:
                 if isinstance(grad_sample, OuterProducts):
                     grad_sample = grad_sample.materialise()
                 grad_sample = self.mesh.all_reduce_tp(grad_sample.contiguous())
+                self._partial_over_tp.add(id(info.params[name]))
             elif isinstance(grad_sample, OuterProducts) and not keeps_factors(grad_sample):
                 grad_sample = grad_sample.materialise()  # smaller than its factors
-                self._partial_over_tp.add(id(info.params[name]))
             self._store(info.params[name], grad_sample, generation)
 
     def _store(

@@ -279,13 +279,13 @@ def _mutation(name: str):
 
             patch.setattr(optimizer_module, "NoiseSource", SharedNoise)
         elif name == "tp_rank1_unclipped":
-            norms = optimizer_module.per_sample_norms
+            norms = optimizer_module.reduce_squared_norms
 
-            def unclipped_on_rank1(samples, mesh):
-                out = norms(samples, mesh)  # still the collective over the TP group
+            def unclipped_on_rank1(squared_norms, mesh):
+                out = norms(squared_norms, mesh)  # still the collective over the TP group
                 return torch.zeros_like(out) if mesh.tp_rank == 1 else out
 
-            patch.setattr(optimizer_module, "per_sample_norms", unclipped_on_rank1)
+            patch.setattr(optimizer_module, "reduce_squared_norms", unclipped_on_rank1)
         elif name == "noise_on_every_dp_replica":
             add_noise = optimizer_module.DPOptimizerTP.add_noise_and_reduce
 

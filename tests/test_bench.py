@@ -1,6 +1,6 @@
 """The benches run end to end and print one JSON object each: bench/step_time.py (one driver
-call, four fresh worker launches: non-private TP, DP-TP seeded and secure under torchrun on 2 CPU
-processes, single-process opacus) and bench/noise_throughput.py (small sizes)."""
+call, five fresh worker launches: non-private TP, DP-TP per-sample, ghost and secure under
+torchrun on 2 CPU processes, single-process opacus) and bench/noise_throughput.py (small sizes)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from tests.distributed_harness import ROOT, run_script
 
-CONFIGS = ("non_private_tp", "dp_tp", "dp_tp_secure", "opacus_single_process")
+CONFIGS = ("non_private_tp", "dp_tp", "dp_tp_ghost", "dp_tp_secure", "opacus_single_process")
 DP_STAGES = {
     "forward",
     "backward_with_per_sample_hooks",
@@ -64,6 +64,14 @@ def test_step_time_driver_reports_every_field():
     assert {"forward", "backward", "optimizer_step"} <= set(out["non_private_breakdown_s"])
     assert out["dp_tp_breakdown_extra_s"]["per_sample_hooks_within_backward"] > 0
     assert isinstance(out["overhead_note"], str) and "dominated by" in out["overhead_note"]
+    assert set(out["dp_tp_ghost_breakdown_s"]) == DP_STAGES
+    assert out["ratio_ghost_over_non_private"] == pytest.approx(
+        out["dp_tp_ghost_s"] / out["non_private_tp_s"]
+    )
+    assert out["increase_ratio_ghost_over_non_private"] == pytest.approx(
+        out["dp_tp_ghost_increase_mb"] / out["non_private_tp_increase_mb"]
+    )
+    assert out["ghost_overhead_note"].startswith("ghost ")
 
 
 def test_noise_throughput_reports_every_field():
