@@ -181,7 +181,9 @@ def _mutant_worker(rank: int, world: int, tmp: str) -> dict[str, float]:
 def test_a_replicated_norm_counted_on_every_tp_rank_is_caught(llama_dir):
     for r in run_distributed(_mutant_worker, 2, llama_dir):
         print("mutant (replicated counted per TP rank):", r)
-        assert r["norm_err"] > 1e-3 and r["update_err"] > 1e-3, r
+        # the replicated parameters of the tiny Llama are its norms (small gradients): the error
+        # is ~1e-4, five orders of magnitude above the equivalence tolerance
+        assert r["norm_err"] > 1e3 * TOLERANCE and r["update_err"] > 1e3 * TOLERANCE, r
 
 
 #: per-sample hooks, and ghost clipping with each norm form of its factored layers
