@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a machine with CUDA GPUs (CI has none):
 #   - the multi-rank suite on NCCL (tests pick NCCL when there is one GPU per rank; needs >= 2),
-#   - the CUDA path of the secure noise source,
+#   - the CUDA path of the secure noise source, ghost clipping on CUDA vs the per-sample mode,
 #   - noise throughput and the 1b step-time benchmark (seeded and secure DP-TP, non-private TP,
 #     single-process opacus) on the GPUs.
 # Results go to $OUT (default gpu_check/): logs and one JSON file per benchmark.
@@ -32,9 +32,14 @@ else
 fi
 
 "$python" -m pytest -q tests/test_noise_source.py 2>&1 | tee "$out/noise_source_tests.log"
+"$python" scripts/ghost_cuda_check.py >"$out/ghost_cuda.json" 2>"$out/ghost_cuda.log"
+cat "$out/ghost_cuda.json"
 "$python" bench/noise_throughput.py --no_legacy >"$out/noise_throughput.json" \
   2>"$out/noise_throughput.log"
 tail -c 2000 "$out/noise_throughput.json"
 "$python" bench/step_time.py --preset 1b --tp_size "$tp" --batch 4 --secure_mode \
   >"$out/step_time_1b.json" 2>"$out/step_time_1b.log"
 tail -c 4000 "$out/step_time_1b.json"
+"$python" bench/clipping_sweep.py --preset 1b --tp_size "$tp" --batches 4 8 16 --seqs 512 \
+  >"$out/clipping_sweep_1b.json" 2>"$out/clipping_sweep_1b.log"
+tail -c 4000 "$out/clipping_sweep_1b.json"
