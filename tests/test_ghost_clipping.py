@@ -15,14 +15,13 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from hf_dp_tp import GradSampleControllerTP, PrivacyEngineGradSampleController
 from hf_dp_tp import ghost as ghost_module
 from hf_dp_tp.ghost import FactoredGradSample, OuterProducts, norm_form, prefers_ghost
 from hf_dp_tp.layout import GHOST, PLAIN, model_layout
 from tests import models
+from tests.test_silent_gradient_errors import _TiedByFunctional
 
 F64 = torch.float64
 
@@ -209,16 +208,6 @@ def test_ghost_mode_is_accepted_by_both_entry_points_with_the_layout_inferred():
     controller.cleanup()
 
 
-class _TiedByFunctional(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(16, 8)
-        self.mix = nn.Linear(8, 8)
-
-    def forward(self, ids):
-        return F.linear(self.mix(self.embed(ids)), self.embed.weight)
-
-
 def test_self_check_catches_a_weight_used_outside_its_module_in_ghost_mode():
     model = _TiedByFunctional()
     GradSampleControllerTP(model, grad_sample_mode="ghost", loss_reduction="sum")
@@ -243,3 +232,25 @@ def test_empty_batch_in_ghost_mode():
     optimizer.step()
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
     controller.cleanup()
+
+
+@pytest.mark.parametrize("form", ["ghost", "materialise"])
+def test_two_dimensional_inputs_match_the_reference(form):
+    """``[B, features]`` inputs (one token per sample), Linear with and without bias."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3, bias=False)
+    ).double()
+    x = torch.randn(5, 4, dtype=F64)
+    batch = {"x": x}
+
+    def losses(m, b):
+        return m(b["x"]).pow(2).sum(1)
+
+    _, reference = models.reference_per_sample_grads(copy.deepcopy(model), losses, batch)
+    with norm_form(form):
+        controller = GradSampleControllerTP(model, grad_sample_mode="ghost", loss_reduction="sum")
+        losses(model, batch).sum().backward()
+        norms = controller.get_per_sample_norms()
+        controller.cleanup()
+    torch.testing.assert_close(norms, reference, rtol=1e-12, atol=1e-12)
