@@ -55,6 +55,20 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def batched_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` (batched) with the result and its sums in ``dtype``. On CUDA, half-precision
+    inputs go straight to a GEMM with fp32 output: a product of two bf16/fp16 numbers is exact in
+    fp32 and the sums are fp32, the same as casting the inputs first, without the casts and on
+    tensor cores. Elsewhere the inputs are cast to ``dtype``."""
+    half = (torch.bfloat16, torch.float16)
+    if a.is_cuda and dtype == torch.float32 and a.dtype == b.dtype and a.dtype in half:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (NotImplementedError, RuntimeError, TypeError):
+            pass
+    return torch.bmm(a.to(dtype), b.to(dtype))
+
+
 def tokens_view(t: torch.Tensor) -> torch.Tensor:
     """``[B, features]`` → ``[B, 1, features]``; ``[B, ..., features]`` → ``[B, T, features]``
     (every dim between the batch and the features is a token dim). Works for ``B = 0``."""
@@ -98,9 +112,9 @@ class OuterProducts:
     def materialise(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The per-sample gradients ``[B, rows, cols]``."""
         dtype = dtype or self.dtype
-        right = self.right.to(dtype)
         batch = self.batch_size
         if self.is_index:
+            right = self.right.to(dtype)
             keep = self.left >= 0
             flat = (torch.arange(batch, device=right.device).unsqueeze(1) * self.rows + self.left)[
                 keep
@@ -108,7 +122,7 @@ class OuterProducts:
             out = torch.zeros(batch * self.rows, self.cols, dtype=dtype, device=right.device)
             out.index_add_(0, flat, right[keep])
             return out.view(batch, self.rows, self.cols)
-        return torch.einsum("btm,btn->bmn", self.left.to(dtype), right)
+        return batched_products(self.left.transpose(1, 2), self.right, dtype)
 
     def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
         """``Σ_i w_i G_i`` ``[rows, cols]`` in at least fp32: one contraction over batch and
@@ -128,7 +142,7 @@ class OuterProducts:
         """``[B, T_self, T_other]`` of ``x_self[t] · x_other[s]`` for ``side`` ``"left"`` or
         ``"right"`` (one-hot rows compare ids; a one-hot row against a dense one gathers)."""
         if side == "right":
-            return torch.bmm(self.right.to(dtype), other.right.to(dtype).transpose(1, 2))
+            return batched_products(self.right, other.right.transpose(1, 2), dtype)
         if self.is_index and other.is_index:
             a, b = self.left.unsqueeze(2), other.left.unsqueeze(1)
             return ((a == b) & (a >= 0)).to(dtype)
@@ -138,7 +152,7 @@ class OuterProducts:
             return gathered.transpose(1, 2) * (self.left >= 0).unsqueeze(2).to(dtype)
         if other.is_index:
             return other.token_gram(self, "left", dtype).transpose(1, 2)
-        return torch.bmm(self.left.to(dtype), other.left.to(dtype).transpose(1, 2))
+        return batched_products(self.left, other.left.transpose(1, 2), dtype)
 
     def inner(self, other: OuterProducts) -> torch.Tensor:
         """``⟨G_i, G'_i⟩`` per sample ``[B]``, in at least fp32, without building ``G``."""

@@ -251,7 +251,12 @@ def _step_worker(rank: int, world: int, runs: dict[str, dict]) -> dict[str, str]
     for case, run in runs.items():
         start = time.monotonic()
         model = AutoModelForCausalLM.from_pretrained(run["model_dir"], dtype=torch.float64)
-        args = _args(run["out"], per_sample_max_grad_norm=run["clip"], tp_plan=_plan(case))
+        args = _args(
+            run["out"],
+            per_sample_max_grad_norm=run["clip"],
+            tp_plan=_plan(run["family"]),
+            grad_sample_mode=run["mode"],
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = DPTrainer(model=model, args=args, train_dataset=_dataset())
@@ -289,14 +294,29 @@ def one_step_runs(tmp_path_factory):
         update = models.reference_dp_update(grads, norms, clip, N)
         before = models.full_params(model)
         expected[case] = {k: before[k] - update[k] for k in update}
-        runs[case] = {"model_dir": model_dir, "out": str(root / f"{case}-out"), "clip": clip}
+        runs[case] = {
+            "model_dir": model_dir,
+            "out": str(root / f"{case}-out"),
+            "clip": clip,
+            "family": case,
+            "mode": "tp",
+        }
+    for case in GHOST_CASES:  # the same models with ghost clipping
+        family = case.removesuffix("_ghost")
+        runs[case] = {**runs[family], "out": str(root / f"{case}-out"), "mode": "ghost"}
+        expected[case] = expected[family]
     start = time.monotonic()
     status = run_distributed(_step_worker, 2, runs)[0]
     print(f"\none spawned group, {len(runs)} DPTrainer steps: {time.monotonic() - start:.1f}s")
     return runs, expected, status
 
 
-@pytest.mark.parametrize("case", list(BUILDERS))
+#: GPT-2 (Conv1D under its TP plan, tied wte/lm_head) and Gemma (scaled embeddings, 1 + w norms)
+#: again with ghost clipping
+GHOST_CASES = ("gpt2_ghost", "gemma_ghost")
+
+
+@pytest.mark.parametrize("case", [*BUILDERS, *GHOST_CASES])
 def test_one_dptrainer_step_at_tp2_equals_single_process_dp_sgd(one_step_runs, case):
     from transformers import AutoModelForCausalLM
 
