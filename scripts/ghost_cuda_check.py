@@ -1,8 +1,10 @@
 """Ghost clipping on CUDA against the per-sample mode, on one GPU (CI has none).
 
-Builds the tests' tiny tied Llama in float64 and float32 on ``cuda:0``, runs one backward in
-``grad_sample_mode="hooks"`` and in ``"ghost"`` (each norm form), and prints one JSON object with
-the largest relative difference of the per-sample norms and of the clipped sums. Usage, from the
+Builds the tests' tiny tied Llama in float64, float32 and bfloat16 on ``cuda:0``, runs one
+backward in ``grad_sample_mode="hooks"`` and in ``"ghost"`` (each norm form), and prints one JSON
+object with the largest relative difference of the per-sample norms and of the clipped sums
+(bfloat16: both modes round differently — the per-sample mode builds bf16 per-sample gradients,
+ghost sums exact products in fp32 — so expect ~1e-2 there). Usage, from the
 repository root: ``python scripts/ghost_cuda_check.py``.
 """
 
@@ -40,7 +42,7 @@ def run(model, batch, mode: str, form: str = "auto"):
 def main() -> None:
     device = torch.device("cuda", 0)
     out = {"device": torch.cuda.get_device_name(device)}
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
         model = models.tiny_causal_lm(tie=True).to(device, dtype).train()
         model.config.use_cache = False
         batch = {k: v.to(device) for k, v in models.lm_batch(8, vocab=64, seq=8).items()}
