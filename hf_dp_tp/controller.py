@@ -48,6 +48,7 @@ from .parallel import (
     MeshInfo,
     ParamLayout,
     installed_tp_style,
+    is_fsdp_mesh,
     param_layout,
     resolve_mesh,
 )
@@ -283,6 +284,7 @@ class GradSampleControllerTP:
         self._self_check_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._self_checked: set[int] = set()
         self._partial_over_tp: set[int] = set()
+        self._unsharded: dict[int, torch.Tensor] = {}  # FSDP: sharded param id -> unsharded
         try:
             self._attach()
         except BaseException:
@@ -415,7 +417,13 @@ class GradSampleControllerTP:
         if self.hooks_enabled and module.training and torch.is_grad_enabled():
             raise _mixing_error(name, module)
 
-    def _self_check(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+    def _self_check(
+        self,
+        name: str,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        reached: torch.Tensor | None = None,
+    ) -> None:
         """First backward of each parameter: autograd's gradient must equal the reduction of its
         per-sample gradients (sum, or mean for ``loss_reduction="mean"``). A parameter also used
         outside its module (e.g. an embedding weight reused through ``F.linear``), an unhooked
@@ -436,7 +444,8 @@ class GradSampleControllerTP:
         if batch == 0:
             return
         if isinstance(grad, DTensor):  # may arrive in other placements than the parameter's
-            grad = grad.redistribute(param.device_mesh, param.placements).to_local()
+            like = param if reached is None else reached  # FSDP: the unsharded TP-local weight
+            grad = grad.redistribute(like.device_mesh, like.placements).to_local()
         elif id(param) in self._partial_over_tp:
             # a plain replicated parameter fed rank-local tokens/heads: autograd's gradient is
             # this rank's part (transformers sums it after accumulation), as the per-sample
@@ -473,9 +482,11 @@ class GradSampleControllerTP:
         self._generation += 1
         self._seen_batch_sizes = set()
         for key in self._self_checked:
-            handle = self._self_check_handles.pop(key, None)
-            if handle is not None:
-                handle.remove()
+            unsharded = self._unsharded.get(key)
+            for handle_key in (key, None if unsharded is None else id(unsharded)):
+                handle = self._self_check_handles.pop(handle_key, None)
+                if handle is not None:
+                    handle.remove()
         first = next(
             (t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.ndim > 0),
             None,
@@ -514,7 +525,8 @@ class GradSampleControllerTP:
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
         for name, param in info.params.items():
-            if module._parameters.get(name) is not param:
+            current = module._parameters.get(name)
+            if current is not param and not self._fsdp_unsharded(info, name, param, current):
                 raise RuntimeError(
                     f"module '{info.name}': parameter '{name}' was replaced after the controller "
                     "was attached (e.g. the model was parallelized or re-tied later). Parallelize "
@@ -532,6 +544,26 @@ class GradSampleControllerTP:
         generation = self._generation
         output.register_hook(lambda grad: self._on_output_grad(info, activation, grad, generation))
         return None
+
+    def _fsdp_unsharded(
+        self, info: _HookedModule, name: str, param: nn.Parameter, current: torch.Tensor | None
+    ) -> bool:
+        """Whether ``current`` is FSDP's unsharded stand-in for ``param`` during forward: FSDP
+        swaps a sharded parameter for one unsharded object (the TP-local weight), the same one at
+        every step. The first one seen is recorded and gets the first-step self-check (autograd
+        reaches it, not the sharded parameter)."""
+        if not (isinstance(param, DTensor) and is_fsdp_mesh(param.device_mesh)):
+            return False
+        if current is None or tuple(current.shape) != tuple(param.shape):
+            return False
+        known = self._unsharded.setdefault(id(param), current)
+        if known is not current:
+            return False
+        if id(param) not in self._self_checked and id(current) not in self._self_check_handles:
+            self._self_check_handles[id(current)] = current.register_hook(
+                lambda grad, n=f"{info.name}.{name}": self._self_check(n, param, grad, current)
+            )
+        return True
 
     def _on_output_grad(
         self, info: _HookedModule, activation: torch.Tensor, grad: torch.Tensor, generation: int

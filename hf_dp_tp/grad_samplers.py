@@ -122,6 +122,18 @@ def register_grad_sampler_alias(subclass: type, base: type) -> None:
     _UNVERIFIED_ALIASES[subclass] = base
 
 
+def module_class(module: nn.Module) -> type:
+    """The class whose forward a module runs: ``type(module)``, except for a module FSDP2's
+    ``fully_shard`` re-classed as ``FSDP<Class>(FSDPModule, Class)`` (same forward, FSDP's
+    unshard/reshard around it as hooks): then ``Class``."""
+    cls = type(module)
+    from torch.distributed.fsdp import FSDPModule
+
+    if issubclass(cls, FSDPModule) and len(cls.__bases__) == 2 and cls.__bases__[0] is FSDPModule:
+        return cls.__bases__[1]
+    return cls
+
+
 def find_grad_sampler(module: nn.Module) -> GradSampler | None:
     """The rule for ``type(module)``: registered for exactly that class; written for it as an HF
     norm family member; else the first predicate that accepts it; else, for an HF norm class, the
@@ -133,7 +145,7 @@ def find_grad_sampler(module: nn.Module) -> GradSampler | None:
             silently wrong per-sample gradient), for an aliased subclass whose forward fails the
             probe check, and for an HF norm class that matches no family.
     """
-    cls = type(module)
+    cls = module_class(module)
     if cls in _BY_TYPE:
         sampler = _BY_TYPE[cls]
         if cls in _UNVERIFIED_ALIASES:
@@ -182,7 +194,7 @@ def _match_by_probe(module: nn.Module) -> GradSampler | str:
         if error is None:
             return sampler
         tried.append(f"{name}: {error}")
-    cls = type(module).__name__
+    cls = module_class(module).__name__
     return (
         f"{cls} matches none of the rules for its kind of layer on a probe input, so it has no "
         "per-sample gradient rule. Tried: "
@@ -228,7 +240,7 @@ def verify_rule(module: nn.Module, sampler: GradSampler) -> str | None:
     self-check then remains the only check), else what differed."""
     if sampler.probe_input is None:
         return None
-    cls = type(module)
+    cls = module_class(module)
     try:
         stand_in, params = _stand_in(module)
         x = sampler.probe_input(stand_in)
@@ -395,7 +407,7 @@ def linear_grad_sample(
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+    return module_class(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 def conv1d_factors(
@@ -754,7 +766,7 @@ def _is_hf_candidate(module: nn.Module) -> bool:
     """A transformers layer no rule was written for, worth matching to one on a probe: a class
     named ``*Norm*`` whose only parameters are a weight (and a bias), or a subclass of
     ``nn.Embedding``."""
-    cls = type(module)
+    cls = module_class(module)
     if not cls.__module__.startswith("transformers.") or any(True for _ in module.children()):
         return False
     if isinstance(module, nn.Embedding):

@@ -17,14 +17,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim import Optimizer
 
 from .controller import LOSS_REDUCTIONS
 from .ghost import GradSample, clipped_sum_of, squared_norms_of
 from .noise import NoiseSource
 from .norms import accumulation_dtype, reduce_squared_norms
-from .parallel import MeshInfo, ParamLayout, param_layout
+from .parallel import DP_DIM, MeshInfo, ParamLayout, is_fsdp_mesh, param_layout
 from .randomness import agree_on_seed
 
 CLIP_EPSILON = 1e-6
@@ -271,7 +271,8 @@ class DPOptimizerTP(Optimizer):
             if total is None:
                 local = p.to_local() if isinstance(p, DTensor) else p
                 dtype = accumulation_dtype(local)
-                total = torch.zeros(local.shape, dtype=dtype, device=local.device)
+                shape = self.layout_of(p).local_shape  # TP-local (unsharded by FSDP)
+                total = torch.zeros(shape, dtype=dtype, device=local.device)
             sums.append(total)
         return sums
 
@@ -331,8 +332,26 @@ class DPOptimizerTP(Optimizer):
     @staticmethod
     def _write_grad(param: torch.nn.Parameter, local_grad: torch.Tensor) -> None:
         """Contract rule 9 (docs/usage.md): a DTensor grad with the parameter's placements, so the
-        wrapped optimizer (foreach or fused) really reads it."""
-        if isinstance(param, DTensor):
+        wrapped optimizer (foreach or fused) really reads it. For a parameter FSDP shards over DP,
+        ``local_grad`` is the TP-local gradient, identical on every DP rank after rule 7: it is
+        cut to this rank's FSDP shard (a local slice, no communication)."""
+        if isinstance(param, DTensor) and is_fsdp_mesh(param.device_mesh):
+            mesh = param.device_mesh
+            names = mesh.mesh_dim_names
+            tp_placements = [
+                Replicate() if dim == DP_DIM else placement
+                for dim, placement in zip(names, param.placements, strict=True)
+            ]
+            full = DTensor.from_local(
+                local_grad.to(param.to_local().dtype),
+                mesh,
+                tp_placements,
+                run_check=False,
+                shape=param.shape,
+                stride=param.stride(),
+            )
+            param.grad = full.redistribute(mesh, param.placements)
+        elif isinstance(param, DTensor):
             local_grad = local_grad.to(param.to_local().dtype)
             param.grad = DTensor.from_local(
                 local_grad,

@@ -217,6 +217,8 @@ def resolve_mesh(module: nn.Module, device_mesh: DeviceMesh | None, *, tp: bool)
 
     tp_ranks = _group_ranks(tp_mesh)
     for meshes_of_param in _dtensor_meshes(module):
+        if is_fsdp_mesh(meshes_of_param):  # FSDP over DP (and TP): checked by param_layout
+            continue
         if _group_ranks(meshes_of_param) != tp_ranks:
             raise ValueError(
                 f"a DTensor parameter lives on mesh ranks {_group_ranks(meshes_of_param)}, not on "
@@ -300,27 +302,68 @@ def full_state_dict(
     return out
 
 
+def is_fsdp_mesh(mesh: DeviceMesh) -> bool:
+    """Whether a parameter's mesh includes the data-parallel dim (``"dp"``): the parameter is then
+    sharded by FSDP over DP (``fully_shard(..., mesh=mesh["dp"])``), and over TP too when the mesh
+    is the 2-D ``("dp", "tp")`` one."""
+    return DP_DIM in (mesh.mesh_dim_names or ())
+
+
 def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
-    """Classify a parameter as replicated or sharded on its TP mesh; reject anything else."""
+    """Classify a parameter as replicated or sharded on its TP mesh; reject anything else.
+
+    For a parameter FSDP shards over the DP dim (:func:`is_fsdp_mesh`), the layout is that of the
+    TP-local *unsharded* weight the module computes with (what per-sample gradients, norms and
+    clipped sums are taken on): its TP placement, or replicated when it lives on the DP mesh
+    only. Its FSDP shard is only where the final gradient is written.
+    """
     if not isinstance(param, DTensor):
         shape = tuple(param.shape)
         return ParamLayout(shape, shape)
-    if param.device_mesh.ndim != 1:
+    mesh = param.device_mesh
+    global_shape = tuple(param.shape)
+    if is_fsdp_mesh(mesh):
+        names = tuple(mesh.mesh_dim_names)
+        if names == (DP_DIM,):
+            return ParamLayout(global_shape, global_shape)
+        if mesh.ndim != 2 or set(names) != {DP_DIM, TP_DIM}:
+            raise ValueError(
+                f"{name}: DTensor on a mesh with dims {names}: FSDP parameters must live on the "
+                "('dp', 'tp') mesh or its 'dp' dim."
+            )
+        placement = param.placements[names.index(TP_DIM)]
+        return _tp_layout(name, placement, global_shape, mesh[TP_DIM], None, param.ndim)
+    if mesh.ndim != 1:
         raise ValueError(
-            f"{name}: DTensor on a {param.device_mesh.ndim}-D mesh {param.placements} is not "
-            "supported; parameters must be sharded on the 1-D TP mesh only."
+            f"{name}: DTensor on a {mesh.ndim}-D mesh {param.placements} is not "
+            "supported; parameters must be sharded on the 1-D TP mesh (or by FSDP over a 'dp' "
+            "mesh dim)."
         )
     (placement,) = param.placements
-    global_shape = tuple(param.shape)
     local_shape = tuple(param.to_local().shape)
+    return _tp_layout(name, placement, global_shape, mesh, local_shape, param.ndim)
+
+
+def _tp_layout(
+    name: str,
+    placement,
+    global_shape: tuple[int, ...],
+    mesh: DeviceMesh,
+    local_shape: tuple[int, ...] | None,
+    ndim: int,
+) -> ParamLayout:
+    """The layout of ``placement`` on the 1-D TP ``mesh`` (``local_shape`` None: derived)."""
     if isinstance(placement, Replicate):
-        return ParamLayout(global_shape, local_shape)
+        return ParamLayout(global_shape, global_shape if local_shape is None else local_shape)
     if isinstance(placement, _StridedShard):
-        dim = placement.dim % param.ndim
+        dim = placement.dim % ndim
         factor = placement.split_factor
-        mesh = param.device_mesh
         block, uneven = divmod(global_shape[dim], factor)
         offset, piece = shard_extent(block, mesh.get_local_rank(), mesh.size())
+        if local_shape is None:
+            local_shape = tuple(
+                piece * factor if d == dim else n for d, n in enumerate(global_shape)
+            )
         if uneven or block % mesh.size() != 0 or local_shape[dim] != piece * factor:
             raise ValueError(
                 f"{name}: {placement} of size {global_shape[dim]} over {mesh.size()} ranks: only "
@@ -328,11 +371,12 @@ def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
             )
         return ParamLayout(global_shape, local_shape, dim, offset, piece * factor, factor)
     if isinstance(placement, Shard):
-        dim = placement.dim % param.ndim
+        dim = placement.dim % ndim
         size = global_shape[dim]
-        mesh = param.device_mesh
         rank, world = mesh.get_local_rank(), mesh.size()
         offset, length = shard_extent(size, rank, world)
+        if local_shape is None:
+            local_shape = tuple(length if d == dim else n for d, n in enumerate(global_shape))
         if local_shape[dim] != length:
             raise ValueError(
                 f"{name}: local shard of size {local_shape[dim]} on dim {dim} does not match the "

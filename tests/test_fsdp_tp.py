@@ -1,0 +1,224 @@
+"""FSDP2 over the DP dim × TP (engine level): one DP-SGD step equals single-process DP-SGD.
+
+The model is parallelized over ``mesh["tp"]``, then ``fully_shard`` over ``mesh["dp"]`` (per
+layer and the root, as torchtitan does). Per-sample gradients / ghost factors are taken on FSDP's
+unsharded TP-local weights, clip factors are reduced over TP only, the clipped sums are summed
+over DP and each rank keeps its FSDP shard of the gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.distributed.fsdp import fully_shard
+
+from hf_dp_tp import GradSampleControllerTP, init_dp_tp_mesh
+from hf_dp_tp.parallel import apply_tp_plan
+from tests import models
+from tests.distributed_harness import run_distributed
+
+BATCH = 8
+TOLERANCE = 1e-9
+
+
+def _case(name: str, tmp: str):
+    torch.manual_seed(0)
+    if name == "toy_mlp":
+        model = models.ToyMLP()
+        return model, models.toy_mlp_plan(), models.toy_mlp_batch(BATCH), models.toy_mlp_losses
+    if name in ("llama_hf_plan", "llama_tied_hf_plan"):
+        model = models.load_tiny_llama(f"{tmp}/{'tied' if 'tied' in name else 'untied'}")
+        return model, "auto", models.lm_batch(BATCH, vocab=64, seq=8), models.llama_losses
+    raise ValueError(name)
+
+
+def _shard(model, dp_mesh) -> None:
+    """``fully_shard`` per block (decoder layers, or the toy model's layers), then the root."""
+    inner = getattr(getattr(model, "model", None), "layers", None)
+    for block in inner if inner is not None else model.children():
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+
+
+def _run(name: str, tmp: str, tp_size: int, mode: str) -> dict[str, float]:
+    """``mode``: a ``grad_sample_mode``; ``"<mode>+accumulation"`` runs the DP share as two
+    micro-batches (``clip_and_accumulate`` after the first)."""
+    mode, _, accumulation = mode.partition("+")
+    mesh = init_dp_tp_mesh(tp_size)
+    dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+    model, plan, batch, loss_fn = _case(name, tmp)
+    model.double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    reference = copy.deepcopy(model)
+    grads, norms = models.reference_per_sample_grads(reference, loss_fn, batch)
+    clip = 0.5 * norms.min().item()
+    expected = models.reference_dp_update(grads, norms, clip, BATCH)
+    before = models.full_params(reference)
+
+    if tp_size > 1:
+        apply_tp_plan(model, mesh["tp"], plan)
+    _shard(model, mesh["dp"])
+    controller = GradSampleControllerTP(model, device_mesh=mesh, grad_sample_mode=mode)
+    optimizer = models.dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        controller.mesh,
+        clip=clip,
+        expected_batch=BATCH,
+    )
+    rows = slice(dp_rank, None, dp_size)
+    share = {k: v[rows] for k, v in batch.items()}
+    if accumulation:
+        half = len(next(iter(share.values()))) // 2
+        loss_fn(model, {k: v[:half] for k, v in share.items()}).mean().backward()
+        first = controller.get_per_sample_norms()
+        optimizer.clip_and_accumulate()
+        loss_fn(model, {k: v[half:] for k, v in share.items()}).mean().backward()
+        got_norms = torch.cat([first, controller.get_per_sample_norms()])
+    else:
+        loss_fn(model, share).mean().backward()
+        got_norms = controller.get_per_sample_norms()
+    # the first-step self-check ran on FSDP's unsharded weights (autograd reaches those)
+    checked = controller._self_checked  # noqa: SLF001 (test of the mechanism)
+    all_checked = all(id(p) in checked for p in controller.trainable_parameters())
+    optimizer.step()
+    after = models.full_params(model)
+    ref_norms = norms[rows]
+    norm_err = ((got_norms.double() - ref_norms).abs().max() / ref_norms.max()).item()
+    update_err = 0.0
+    for key, ref_update in expected.items():
+        applied = (before[key] - after[key]).double()
+        err = (applied - ref_update).abs().max() / ref_update.abs().max().clamp_min(1e-12)
+        update_err = max(update_err, err.item())
+    controller.cleanup()
+    return {"norm_err": norm_err, "update_err": update_err, "self_checked": all_checked}
+
+
+def _worker(rank: int, world: int, cases: list[str], tmp: str, tp_size: int) -> dict:
+    modes = ("tp", "ghost", "ghost+accumulation")
+    return {f"{c} [{m}]": _run(c, tmp, tp_size, m) for c in cases for m in modes}
+
+
+CASES = ["toy_mlp", "llama_hf_plan", "llama_tied_hf_plan"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    models.save_tiny_llama(str(root / "untied"), tie=False)
+    models.save_tiny_llama(str(root / "tied"), tie=True)
+    return str(root)
+
+
+def _check(results: list[dict]) -> None:
+    for rank, result in enumerate(results):
+        for case, r in result.items():
+            print(f"rank={rank} {case}: {r}")
+            assert r["norm_err"] < TOLERANCE and r["update_err"] < TOLERANCE, (case, r)
+            assert r["self_checked"], case
+
+
+def test_fsdp2_only_dp2_matches_single_process_dp_sgd(llama_dir):
+    _check(run_distributed(_worker, 2, CASES, llama_dir, 1))
+
+
+def test_fsdp2_dp2_tp2_matches_single_process_dp_sgd(llama_dir):
+    _check(run_distributed(_worker, 4, CASES, llama_dir, 2))
+
+
+# --------------------------------------------------------------------------- noise under FSDP
+SIGMA, CLIP = 1.5, 2.0
+
+
+def _noise_run(mesh, every_dp_rank: bool) -> dict:
+    """One noisy step on zero per-sample gradients: the gradient is the noise. With
+    ``every_dp_rank`` the optimizer is mutated to add noise on every DP rank (the bug the
+    statistics must catch)."""
+    import dataclasses
+    from unittest import mock
+
+    from hf_dp_tp import DPOptimizerTP
+    from tests.test_noise import PLAN, WideMLP
+
+    torch.manual_seed(0)
+    model = WideMLP()
+    apply_tp_plan(model, mesh["tp"], PLAN)
+    _shard(model, mesh["dp"])
+    controller = GradSampleControllerTP(
+        model, device_mesh=mesh, loss_reduction="sum", grad_sample_mode="ghost"
+    )
+    optimizer = DPOptimizerTP(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=SIGMA,
+        max_grad_norm=CLIP,
+        expected_batch_size=4,
+        mesh=controller.mesh,
+        loss_reduction="sum",
+    )
+    add_noise = DPOptimizerTP.add_noise
+
+    def on_every_dp_rank(self, sums, layouts):
+        mesh_info = self.mesh
+        self.mesh = dataclasses.replace(mesh_info, dp_rank=0)
+        try:
+            add_noise(self, sums, layouts)
+        finally:
+            self.mesh = mesh_info
+
+    x = torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(7))
+    (model(x) * 0.0).sum().backward()  # every per-sample gradient is exactly zero
+    with mock.patch.object(
+        DPOptimizerTP, "add_noise", on_every_dp_rank if every_dp_rank else add_noise
+    ):
+        optimizer.step()
+    out = {
+        name: {
+            "full": p.grad.full_tensor().detach().clone(),
+            "local": p.grad.to_local().detach().clone(),
+            "tp_sharded": controller.layout_of(p).sharded,
+        }
+        for name, p in model.named_parameters()
+    }
+    controller.cleanup()
+    return out
+
+
+def _noise_worker(rank: int, world: int) -> dict:
+    mesh = init_dp_tp_mesh(2)
+    return {
+        "coord": (mesh["dp"].get_local_rank(), mesh["tp"].get_local_rank()),
+        "correct": _noise_run(mesh, every_dp_rank=False),
+        "mutant": _noise_run(mesh, every_dp_rank=True),
+    }
+
+
+def test_fsdp2_noise_is_added_once_per_element():
+    import math
+
+    results = run_distributed(_noise_worker, 4)
+    by_coord = {r["coord"]: r for r in results}
+    ref = by_coord[(0, 0)]
+    for name, entry in ref["correct"].items():
+        full = entry["full"].double()
+        n = full.numel()
+        std = full.std().item()
+        print(
+            f"{name}: std {std:.4f} (target {SIGMA * CLIP}), mutant {ref['mutant'][name]['full'].std():.4f}"
+        )
+        rel_se = 1 / math.sqrt(2 * n)
+        assert abs(std / (SIGMA * CLIP) - 1) < 6 * rel_se, (name, std, n)
+        mutant = ref["mutant"][name]["full"].double().std().item()
+        # noise on every DP rank (same seeded stream on each: x2 here) fails the same check
+        assert abs(mutant / (SIGMA * CLIP) - 1) > 6 * rel_se, (name, mutant)
+        for r in results:  # every rank sees the same full gradient
+            assert torch.equal(r["correct"][name]["full"], entry["full"]), name
+        for dp in (0, 1):  # TP peers holding the same FSDP shard
+            a = by_coord[(dp, 0)]["correct"][name]["local"].flatten().double()
+            b = by_coord[(dp, 1)]["correct"][name]["local"].flatten().double()
+            if entry["tp_sharded"]:
+                m = min(a.numel(), b.numel())
+                corr = torch.corrcoef(torch.stack([a[:m], b[:m]]))[0, 1].item()
+                assert abs(corr) < 6 / math.sqrt(m), (name, corr)
+            else:
+                assert torch.equal(a, b), name  # TP-replicated: identical noise
