@@ -10,9 +10,11 @@ What this example demonstrates:
   MLP, gathered ``lm_head``, replicated norms); ``--plan sequence_parallel`` uses
   ``hf_dp_tp.llama_sequence_parallel_plan()``, a torchtitan-style plan of torch ``ParallelStyle``
   objects with sequence-parallel RMSNorms;
+- ``--fsdp``: FSDP2 (``fully_shard`` over ``mesh["dp"]``, per decoder layer and the root) on
+  top of TP, so parameters, gradients and optimizer state are sharded over DP as well;
 - ``PrivacyEngineGradSampleController.make_private`` (or ``make_private_with_epsilon`` with
-  ``--target_epsilon``) with ``grad_sample_mode="tp"``, Poisson sampling and the ``("dp", "tp")``
-  mesh;
+  ``--target_epsilon``) with ``grad_sample_mode="tp"`` or ``"ghost"``, Poisson sampling and the
+  ``("dp", "tp")`` mesh;
 - the loss contract: each sample's loss is its mean next-token cross-entropy and the batch loss
   is the mean of those over samples (never the token mean over the whole batch, which mixes
   samples and breaks the per-sample sensitivity); an empty Poisson batch still takes a step;
@@ -28,6 +30,14 @@ Run::
     torchrun --nproc-per-node 2 examples/tensor_parallelism_llama_controller.py \\
         --plan sequence_parallel --target_epsilon 3
     torchrun --nproc-per-node 4 examples/tensor_parallelism_llama_controller.py --tp_size 2
+    torchrun --nproc-per-node 4 examples/tensor_parallelism_llama_controller.py --tp_size 2 \
+        --fsdp --grad_sample_mode ghost              # FSDP2 over dp × TP, ghost clipping
+
+Two nodes (TP inside a node, DP/FSDP across nodes), run on each node with its rank::
+
+    torchrun --nnodes 2 --node-rank <0|1> --nproc-per-node 2 --rdzv-backend c10d \
+        --rdzv-endpoint <node0-host>:29500 examples/tensor_parallelism_llama_controller.py \
+        --tp_size 2 --fsdp --grad_sample_mode ghost --model_name_or_path <shared checkpoint>
 
 gloo on CPU; NCCL with one GPU per process when there are at least as many GPUs as processes
 (add ``--bf16`` there). The built-in model is written to a temporary directory by rank 0, so
@@ -76,6 +86,18 @@ def parse_args() -> argparse.Namespace:
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tp_size", type=int, default=2, help="tensor-parallel degree")
     parallel.add_argument("--plan", choices=["auto", "sequence_parallel"], default="auto")
+    parallel.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over the DP dim too (FSDP2 "
+        "fully_shard per decoder layer and the root, over mesh['dp'])",
+    )
+    parallel.add_argument(
+        "--grad_sample_mode",
+        choices=["tp", "ghost"],
+        default="tp",
+        help="per-sample gradients ('tp') or ghost clipping ('ghost')",
+    )
     data = parser.add_argument_group("data and training")
     data.add_argument("--num_samples", type=int, default=4096, help="synthetic dataset size")
     data.add_argument("--seq_len", type=int, default=32)
@@ -178,6 +200,12 @@ def main() -> None:
     model.to(device)
     plan = "auto" if args.plan == "auto" else llama_sequence_parallel_plan()
     apply_tp_plan(model, mesh["tp"], plan)
+    if args.fsdp:  # after TP, as torchtitan does: each layer, then the root
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
     model.train()  # from_pretrained returns eval mode, where the per-sample hooks stay silent
 
     dataset = markov_dataset(args, model.config.vocab_size)
@@ -191,7 +219,7 @@ def main() -> None:
         optimizer=torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0),
         data_loader=DataLoader(dataset, batch_size=args.batch_size),
         max_grad_norm=args.clip,
-        grad_sample_mode="tp",
+        grad_sample_mode=args.grad_sample_mode,
         poisson_sampling=True,
         device_mesh=mesh,
         **seeds,
@@ -207,7 +235,8 @@ def main() -> None:
     if rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
-            f"dp={mesh['dp'].size()} tp={mesh['tp'].size()} plan={args.plan} device={device} "
+            f"dp={mesh['dp'].size()}{' (FSDP)' if args.fsdp else ''} tp={mesh['tp'].size()} "
+            f"plan={args.plan} mode={args.grad_sample_mode} device={device} "
             f"dtype={next(model.parameters()).dtype} "
             f"params={trainable} N={len(dataset)} q={engine.sample_rate:.4f} "
             f"steps={total_steps} σ={optimizer.noise_multiplier:.3f} C={args.clip}"
