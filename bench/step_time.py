@@ -76,6 +76,9 @@ Output fields:
   ``dp_tp_ghost_breakdown_s``, ``ghost_overhead_note``: (g), null with ``--no_ghost``.
   ``increase_ratio_dp_tp_over_non_private`` / ``increase_ratio_ghost_over_non_private``: the memory
   training adds (``*_increase_mb``) of (b) / (g) over that of (a).
+- ``*_param_mb_per_rank`` / ``*_optimizer_state_mb_per_rank``: what one rank holds of the
+  parameters and of the AdamW state (local shards; max over ranks) — with ``--fsdp`` they fall by
+  the DP size. (c) has none.
 - ``opacus_single_process_skipped``: null when (c) ran, else why not (``--no_opacus``, estimated
   not to fit in free memory, out of memory, failed); its fields are then null.
 - ``non_private_breakdown_s`` ({forward, backward, grad_all_reduce (dp>1 only), optimizer_step,
@@ -192,6 +195,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_opacus", action="store_true", help="skip (c), single-process opacus")
     p.add_argument("--no_ghost", action="store_true", help="skip (g), DP-TP with ghost clipping")
     p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="(a), (b), (g): FSDP2 over the DP dim on top of TP (fully_shard per decoder layer "
+        "and the root over mesh['dp']); needs dp_size > 1 to shard anything",
+    )
+    p.add_argument(
         "--secure_mode",
         action="store_true",
         help="also run (s): DP-TP with secure_mode=True, and report its ratio to seeded (b)",
@@ -218,6 +227,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if cfg["warmup"] < 0:
         raise SystemExit(f"--warmup must be >= 0, got {cfg['warmup']}")
     cfg["nproc"] = cfg["tp_size"] * cfg["dp_size"]
+    cfg["fsdp"] = bool(getattr(args, "fsdp", False))
     cfg["global_batch"] = cfg["batch"] * cfg["dp_size"]
     cfg["dtype"] = "bfloat16" if cfg["bf16"] else "float32"
     return cfg
@@ -356,6 +366,14 @@ def run_steps(
     return times
 
 
+def _local_bytes(t: Any) -> int:
+    """Bytes this rank holds of a tensor (its local shard for a DTensor); 0 for non-tensors."""
+    if not isinstance(t, torch.Tensor):
+        return 0
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
 def write_json(path: str, obj: dict[str, Any]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -406,6 +424,12 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
 
     model = build_model(cfg, device)
     apply_tp_plan(model, mesh["tp"], "auto")
+    if cfg.get("fsdp"):
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
     after_build = current_memory_mb(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -417,7 +441,8 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         opt, controller, hook = inner, None, None
         stages = ["forward", "backward", "optimizer_step", "other"]
-        if dp_size > 1:
+        fsdp_reduces = bool(cfg.get("fsdp"))  # FSDP reduce-scatters in backward itself
+        if dp_size > 1 and not fsdp_reduces:
             stages.insert(2, "grad_all_reduce")
 
         def step() -> None:
@@ -425,7 +450,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
                 loss = loss_fn(model, ids)
             with sw.section("backward"):
                 loss.backward()
-            if dp_size > 1:
+            if dp_size > 1 and not fsdp_reduces:
                 with sw.section("grad_all_reduce"):
                     _dp_all_reduce_grads(params, mesh["dp"].get_group(), dp_size)
             opt.step()
@@ -480,7 +505,13 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
     medians["other"] = max(0.0, medians["total"] - named)
 
     peak = peak_memory_mb(device)
-    mem = torch.tensor([after_build, peak, peak - after_build], dtype=torch.float64, device=device)
+    state_bytes = [
+        sum(_local_bytes(p) for p in model.parameters()),
+        sum(_local_bytes(t) for s in inner.state.values() for t in s.values()),
+    ]
+    mem = torch.tensor(
+        [after_build, peak, peak - after_build, *state_bytes], dtype=torch.float64, device=device
+    )
     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
     if controller is not None:
         controller.cleanup()
@@ -491,6 +522,8 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
             "after_build_mb": mem[0].item(),
             "peak_mb": mem[1].item(),
             "increase_mb": mem[2].item(),
+            "param_mb_per_rank": mem[3].item() / MIB,
+            "optimizer_state_mb_per_rank": mem[4].item() / MIB,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "device_type": device.type,
             "backend": dist.get_backend(),
@@ -814,9 +847,15 @@ def driver(args: argparse.Namespace) -> None:
     out["increase_ratio_ghost_over_non_private"] = (
         ghost["increase_mb"] / a["increase_mb"] if ghost else None
     )
-    for field in ("peak_mb", "after_build_mb", "increase_mb"):
+    for field in (
+        "peak_mb",
+        "after_build_mb",
+        "increase_mb",
+        "param_mb_per_rank",
+        "optimizer_state_mb_per_rank",
+    ):
         for kind, res in runs:
-            out[f"{CONFIGS[kind]}_{field}"] = res[field] if res else None
+            out[f"{CONFIGS[kind]}_{field}"] = res.get(field) if res else None
     out["opacus_single_process_skipped"] = skipped
     out["step_times_s"] = {CONFIGS[k]: r["step_times_s"] for k, r in runs if r}
     out["non_private_breakdown_s"] = a["breakdown_s"]
