@@ -225,3 +225,10 @@ def dp_optimizer(
             mesh=mesh,
             **kwargs,
         )
+
+
+def unit_sgd_dp_optimizer(model, mesh, *, clip: float, expected_batch: float):
+    """SGD(lr=1) wrapped by ``DPOptimizerTP`` with σ = 0: the applied update is the DP gradient."""
+    return dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), mesh, clip=clip, expected_batch=expected_batch
+    )

@@ -90,11 +90,8 @@ def _run_case_in_form(
     controller = GradSampleControllerTP(
         model, device_mesh=mesh if plan is not None else None, grad_sample_mode=grad_sample_mode
     )
-    optimizer = models.dp_optimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        controller.mesh,
-        clip=clip,
-        expected_batch=BATCH,
+    optimizer = models.unit_sgd_dp_optimizer(
+        model, controller.mesh, clip=clip, expected_batch=BATCH
     )
     rows = slice(dp_rank, None, dp_size)
     if empty_share:  # DP rank 0 draws the whole logical batch, DP rank 1 an empty one

@@ -61,11 +61,8 @@ def _run(name: str, tmp: str, tp_size: int, mode: str) -> dict[str, float]:
         apply_tp_plan(model, mesh["tp"], plan)
     _shard(model, mesh["dp"])
     controller = GradSampleControllerTP(model, device_mesh=mesh, grad_sample_mode=mode)
-    optimizer = models.dp_optimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        controller.mesh,
-        clip=clip,
-        expected_batch=BATCH,
+    optimizer = models.unit_sgd_dp_optimizer(
+        model, controller.mesh, clip=clip, expected_batch=BATCH
     )
     rows = slice(dp_rank, None, dp_size)
     share = {k: v[rows] for k, v in batch.items()}
