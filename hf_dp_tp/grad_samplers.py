@@ -407,7 +407,11 @@ def linear_grad_sample(
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
-    return module_class(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+    return (
+        module_class(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and hasattr(module, "nx")
+    )
 
 
 def conv1d_factors(
