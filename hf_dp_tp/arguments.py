@@ -219,6 +219,7 @@ class DPTrainingArguments(TrainingArguments):
             self.use_cpu = (
                 True  # gloo on CPU: Trainer/accelerate need use_cpu for multi-process CPU
             )
+        self.dp_fully_shard = self._take_fsdp_setting()
         super().__post_init__()
         self._validate_privacy_settings()
         if self.dp_seed is not None:
@@ -227,6 +228,36 @@ class DPTrainingArguments(TrainingArguments):
                 "anyone who knows it, who can then subtract the noise from two checkpoints. Use it "
                 "for reproducibility tests only; it is never written under output_dir."
             )
+
+    def _take_fsdp_setting(self) -> bool:
+        """Trainer's ``fsdp="full_shard"`` (the HF idiom) selects FSDP2 over the DP dimension,
+        which DPTrainer applies itself after TP (``fully_shard`` over the mesh's ``"dp"`` dim,
+        per decoder layer then the root); accelerate's FSDP plugin is not used (it would reduce
+        the non-private gradients and wrap the model before TP). Other FSDP options are refused.
+        """
+        fsdp = self.fsdp
+        options = fsdp.split() if isinstance(fsdp, str) else [str(o) for o in (fsdp or [])]
+        options = [o.split(".")[-1].lower() for o in options]
+        if not options:
+            return False
+        if options != ["full_shard"]:
+            raise ValueError(
+                f"fsdp={fsdp!r}: DPTrainer supports fsdp='full_shard' only (FSDP2 over the DP "
+                "dimension, on top of tp_size); offload, hybrid and auto-wrap options are not "
+                "supported."
+            )
+        config = self.fsdp_config or {}
+        if isinstance(config, dict):
+            version = config.get("fsdp_version", config.get("version", 2))
+            if int(version) != 2:
+                raise ValueError(f"fsdp_config fsdp_version={version}: only FSDP2 is supported.")
+        if self.grad_sample_mode == "hooks":
+            raise ValueError(
+                "fsdp='full_shard' shards parameters as DTensors: use grad_sample_mode='tp' or "
+                "'ghost', not 'hooks'."
+            )
+        self.fsdp, self.fsdp_config = "", None
+        return True
 
     def to_dict(self) -> dict:
         """As ``TrainingArguments.to_dict``, with torch ``ParallelStyle`` objects of a dict

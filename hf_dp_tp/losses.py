@@ -90,4 +90,6 @@ def _accepts(model: nn.Module, name: str) -> bool:
 def _is_causal_lm(model: nn.Module) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return _base_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    from .grad_samplers import module_class  # FSDP2 re-classes a model as FSDP<Class>
+
+    return module_class(_base_model(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()

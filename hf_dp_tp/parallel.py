@@ -388,6 +388,21 @@ def _tp_layout(
     raise ValueError(f"{name}: unsupported placement {placement}.")
 
 
+def fully_shard_over_dp(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    """FSDP2 over the ``"dp"`` dim of the ``("dp", "tp")`` mesh, after TP (as torchtitan does):
+    ``fully_shard`` on every block the model lists in ``_no_split_modules`` (its decoder layers),
+    then on the root. Parameters, gradients and optimizer state are then sharded over DP too."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = device_mesh[DP_DIM] if device_mesh.ndim == 2 else device_mesh
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    return model
+
+
 # --------------------------------------------------------------------------- TP plans
 HF_STYLE_ATTR = "_hf_dp_tp_style"
 

@@ -57,6 +57,7 @@ from .parallel import (
     check_tp_divisibility,
     destroy_process_groups,
     full_state_dict,
+    fully_shard_over_dp,
     init_dp_tp_mesh,
     resolve_mesh,
     set_collective_timeout,
@@ -288,6 +289,10 @@ class DPTrainer(Trainer):
         if _is_peft(model) and args.tp_size > 1:
             # adapters sharded like their base layers and identical on every rank
             prepare_lora_for_tp(model, self.device_mesh["tp"])
+        if getattr(args, "dp_fully_shard", False):
+            if self.device_mesh is None:
+                raise ValueError("fsdp='full_shard' needs a distributed launch (torchrun).")
+            fully_shard_over_dp(model, self.device_mesh)
         return model.train()
 
     @property
@@ -655,9 +660,22 @@ class DPTrainer(Trainer):
         if self.args.should_save:
             write_ledger(output_dir, self.ledger())
 
+    @contextmanager
+    def _defer_fsdp_gradient_reduction(self) -> Iterator[None]:
+        # Trainer defers FSDP's reduce-scatter between micro-batches for models sharded by
+        # transformers at load time; DPTrainer's own FSDP (fsdp="full_shard") never uses FSDP's
+        # reduction for the update (the DP optimizer sums the clipped sums and writes the shard),
+        # so there is nothing to defer.
+        yield
+
+    @property
+    def _rank_specific_optimizer_state(self) -> bool:
+        """Whether ranks hold different optimizer-state shards (TP, or FSDP over DP)."""
+        return self.mesh_info.tp_size > 1 or getattr(self.args, "dp_fully_shard", False)
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.mesh_info.tp_size > 1:
+        if self._rank_specific_optimizer_state:
             # each TP rank holds different optimizer-state shards: one file per rank
             save_rank_optimizer(output_dir, dist.get_rank(), self.optimizer.state_dict())
 
@@ -665,7 +683,7 @@ class DPTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        if self.mesh_info.tp_size > 1:
+        if self._rank_specific_optimizer_state:
             state = load_rank_optimizer(checkpoint, dist.get_rank())
             if state is not None:
                 self.optimizer.load_state_dict(state)

@@ -165,6 +165,21 @@ def _assert_saved_equals_reference(model_dir: str, out: str, expected: dict) -> 
             marks=pytest.mark.slow,
         ),
         pytest.param(
+            4,
+            {
+                "fsdp": "full_shard",
+                "grad_sample_mode": "ghost",
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 2,
+            },
+            id="fsdp2_tp2_ghost_ga2",
+        ),
+        pytest.param(
+            2,
+            {"fsdp": "full_shard", "tp_size": 1, "per_device_train_batch_size": 4},
+            id="fsdp2_only_tp",
+        ),
+        pytest.param(
             2,
             {
                 "gradient_checkpointing": True,
@@ -288,16 +303,22 @@ def test_noisy_training_logs_epsilon_matching_opacus(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "lora, load_with_tp_plan",
+    "variant",
     [
-        pytest.param(False, False, id="full"),
-        pytest.param(True, False, id="lora", marks=pytest.mark.slow),
+        pytest.param({}, id="full"),
+        pytest.param({"lora": True}, id="lora", marks=pytest.mark.slow),
         # sharded at load time by transformers: Trainer alone refuses to checkpoint it
-        pytest.param(False, True, id="transformers-tp-loading", marks=pytest.mark.slow),
+        pytest.param(
+            {"load_with_tp_plan": True}, id="transformers-tp-loading", marks=pytest.mark.slow
+        ),
+        # FSDP2 over dp=2 (tp_size=1), ghost clipping: per-rank optimizer-state shards
+        pytest.param(
+            {"fsdp": "full_shard", "tp_size": 1, "grad_sample_mode": "ghost"}, id="fsdp-ghost"
+        ),
     ],
 )
-def test_resume_continues_epsilon_and_model_exactly(llama_dir, tmp_path, lora, load_with_tp_plan):
-    noisy = {**NOISY, "lora": lora, "load_with_tp_plan": load_with_tp_plan}
+def test_resume_continues_epsilon_and_model_exactly(llama_dir, tmp_path, variant):
+    noisy = {**NOISY, **variant}
     straight = str(tmp_path / "straight")
     full = run_distributed(_noisy_worker, 2, llama_dir, straight, noisy)[0]
 
@@ -341,7 +362,15 @@ def _resume_worker(rank, world, model_dir, out, overrides, checkpoint):
 # --------------------------------------------------------------------------- LoRA on TP
 
 
-def _lora_worker(rank: int, world: int, model_dir: str, adapter_dir: str, out: str, clip: float):
+def _lora_worker(
+    rank: int,
+    world: int,
+    model_dir: str,
+    adapter_dir: str,
+    out: str,
+    clip: float,
+    overrides: dict | None = None,
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -349,7 +378,7 @@ def _lora_worker(rank: int, world: int, model_dir: str, adapter_dir: str, out: s
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-    args = _args(out, per_sample_max_grad_norm=clip)
+    args = _args(out, per_sample_max_grad_norm=clip, **(overrides or {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = DPTrainer(model=model, args=args, train_dataset=_dataset())
@@ -358,10 +387,22 @@ def _lora_worker(rank: int, world: int, model_dir: str, adapter_dir: str, out: s
     return {"trainable": sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)}
 
 
-def test_lora_on_tp_adapter_update_equals_single_process(llama_dir, tmp_path):
+@pytest.mark.parametrize(
+    "world, overrides",
+    [
+        pytest.param(2, {}, id="tp2"),
+        pytest.param(
+            4,
+            {"fsdp": "full_shard", "grad_sample_mode": "ghost", "per_device_train_batch_size": 4},
+            id="fsdp2_tp2_ghost",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_lora_on_tp_adapter_update_equals_single_process(llama_dir, tmp_path, world, overrides):
     """LoRA on all attention and MLP projections of a TP model (peft applied before sharding):
     only adapters train, their DP update equals the single-process reference, and the saved
-    adapter loads with peft in one process."""
+    adapter loads with peft in one process; also with FSDP2 over DP and ghost clipping."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -389,7 +430,7 @@ def test_lora_on_tp_adapter_update_equals_single_process(llama_dir, tmp_path):
     before = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
 
     out = str(tmp_path / "out")
-    results = run_distributed(_lora_worker, 2, llama_dir, adapter_dir, out, clip)
+    results = run_distributed(_lora_worker, world, llama_dir, adapter_dir, out, clip, overrides)
     assert all("lora_" in n for n in results[0]["trainable"]) and len(results[0]["trainable"]) == 28
 
     fresh = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64)

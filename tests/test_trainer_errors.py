@@ -32,6 +32,14 @@ def test_privacy_arguments_are_validated():
         DPTrainingArguments(**base, noise_multiplier=1.0, grad_sample_mode="functorch")
     with pytest.raises(ValueError, match="needs grad_sample_mode='tp'"):
         DPTrainingArguments(**base, noise_multiplier=1.0, tp_size=2, grad_sample_mode="hooks")
+    with pytest.raises(ValueError, match="fsdp='full_shard' only"):
+        DPTrainingArguments(**base, noise_multiplier=1.0, fsdp="full_shard offload")
+    with pytest.raises(ValueError, match="use grad_sample_mode='tp' or 'ghost', not 'hooks'"):
+        DPTrainingArguments(
+            **base, noise_multiplier=1.0, fsdp="full_shard", grad_sample_mode="hooks"
+        )
+    fsdp = DPTrainingArguments(**base, noise_multiplier=1.0, fsdp="full_shard")
+    assert fsdp.dp_fully_shard and not fsdp.fsdp  # DPTrainer's FSDP2, not accelerate's plugin
     with pytest.raises(ValueError, match="poisson_sampling=False is not supported"):
         DPTrainingArguments(**base, noise_multiplier=1.0, poisson_sampling=False)
     with pytest.raises(ValueError, match="target_delta must be in"):
