@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Partial
 from torch.optim import Optimizer
 
 from .controller import LOSS_REDUCTIONS
@@ -57,6 +57,21 @@ def _flat_collective(
             n = tensors[i].numel()
             tensors[i].copy_(flat[offset : offset + n].view_as(tensors[i]))
             offset += n
+
+
+def _reduce_scatter_over_dp(local_sum: torch.Tensor, param: DTensor) -> torch.Tensor:
+    """This rank's FSDP shard of ``Σ_DP local_sum``: ``local_sum`` is this rank's TP-local sum
+    (the unsharded weight's shape), a partial sum over the ``"dp"`` mesh dim; DTensor turns it
+    into the parameter's own placements (a reduce-scatter over DP)."""
+    mesh = param.device_mesh
+    placements = [
+        Partial() if dim == DP_DIM else placement
+        for dim, placement in zip(mesh.mesh_dim_names, param.placements, strict=True)
+    ]
+    partial = DTensor.from_local(
+        local_sum, mesh, placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+    return partial.redistribute(mesh, param.placements).to_local()
 
 
 def split_mixed_param_groups(optimizer: Optimizer) -> None:
@@ -296,11 +311,25 @@ class DPOptimizerTP(Optimizer):
             if layout.sharded or self.mesh.tp_rank == 0:
                 total.add_(source.normal(tuple(total.shape), std, total.device, dtype=total.dtype))
 
-    def reduce(self, sums: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
-        """Contract rule 7 (docs/usage.md), in place: all-reduce (sum) the noised sums over the DP
-        group, then give every TP rank TP rank 0's replicated sums (which alone carry the
-        replicated noise of rule 6). Bucketed: one flattened collective per bucket."""
-        _flat_collective(sums, self.mesh.all_reduce_dp)
+    def reduce(
+        self,
+        sums: list[torch.Tensor],
+        layouts: list[ParamLayout],
+        params: list[torch.nn.Parameter] | None = None,
+    ) -> None:
+        """Contract rule 7 (docs/usage.md), in place: sum the noised sums over the DP group, then
+        give every TP rank TP rank 0's replicated sums (which alone carry the replicated noise of
+        rule 6). Bucketed all-reduce for parameters replicated over DP; for parameters FSDP shards
+        over DP (``params`` given), a reduce-scatter that leaves each rank its FSDP shard of the
+        sum (``sums[i]`` is replaced by that shard)."""
+        fsdp = {
+            i
+            for i, p in enumerate(params or [])
+            if isinstance(p, DTensor) and is_fsdp_mesh(p.device_mesh)
+        }
+        _flat_collective([t for i, t in enumerate(sums) if i not in fsdp], self.mesh.all_reduce_dp)
+        for i in sorted(fsdp):
+            sums[i] = _reduce_scatter_over_dp(sums[i], params[i])
         replicated = [t for t, lay in zip(sums, layouts, strict=True) if not lay.sharded]
         _flat_collective(replicated, self.mesh.broadcast_tp)
 
@@ -324,7 +353,7 @@ class DPOptimizerTP(Optimizer):
         sums = self.take_clipped_sums(params)
         layouts = [self.layout_of(p) for p in params]
         self.add_noise(sums, layouts)
-        self.reduce(sums, layouts)
+        self.reduce(sums, layouts, params)
         self.scale(sums)
         self.write_grads(params, sums)
         self.steps_taken += 1
@@ -332,26 +361,9 @@ class DPOptimizerTP(Optimizer):
     @staticmethod
     def _write_grad(param: torch.nn.Parameter, local_grad: torch.Tensor) -> None:
         """Contract rule 9 (docs/usage.md): a DTensor grad with the parameter's placements, so the
-        wrapped optimizer (foreach or fused) really reads it. For a parameter FSDP shards over DP,
-        ``local_grad`` is the TP-local gradient, identical on every DP rank after rule 7: it is
-        cut to this rank's FSDP shard (a local slice, no communication)."""
-        if isinstance(param, DTensor) and is_fsdp_mesh(param.device_mesh):
-            mesh = param.device_mesh
-            names = mesh.mesh_dim_names
-            tp_placements = [
-                Replicate() if dim == DP_DIM else placement
-                for dim, placement in zip(names, param.placements, strict=True)
-            ]
-            full = DTensor.from_local(
-                local_grad.to(param.to_local().dtype),
-                mesh,
-                tp_placements,
-                run_check=False,
-                shape=param.shape,
-                stride=param.stride(),
-            )
-            param.grad = full.redistribute(mesh, param.placements)
-        elif isinstance(param, DTensor):
+        wrapped optimizer (foreach or fused) really reads it (for a parameter FSDP shards over DP,
+        ``local_grad`` is already this rank's FSDP shard, from :meth:`reduce`)."""
+        if isinstance(param, DTensor):
             local_grad = local_grad.to(param.to_local().dtype)
             param.grad = DTensor.from_local(
                 local_grad,
