@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.optim import Optimizer
 
 from .controller import LOSS_REDUCTIONS
@@ -29,6 +29,7 @@ from .randomness import agree_on_seed
 
 CLIP_EPSILON = 1e-6
 _BUCKET_NUMEL = 1 << 26  # elements per flattened all-reduce/broadcast bucket
+_REDUCE_SCATTER_MIN_NUMEL = 1 << 20  # FSDP sums at least this large are reduce-scattered
 
 
 def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[int]]:
@@ -59,13 +60,15 @@ def _flat_collective(
             offset += n
 
 
-def _reduce_scatter_over_dp(local_sum: torch.Tensor, param: DTensor) -> torch.Tensor:
-    """This rank's FSDP shard of ``Σ_DP local_sum``: ``local_sum`` is this rank's TP-local sum
-    (the unsharded weight's shape), a partial sum over the ``"dp"`` mesh dim; DTensor turns it
-    into the parameter's own placements (a reduce-scatter over DP)."""
+def _shard_over_dp(local_sum: torch.Tensor, param: DTensor, *, reduce: bool) -> torch.Tensor:
+    """This rank's FSDP shard of a TP-local sum (the unsharded weight's shape). ``reduce``: the
+    sum is this rank's partial sum over the ``"dp"`` mesh dim, and DTensor turns it into the
+    parameter's own placements (a reduce-scatter over DP); otherwise it is already summed over
+    DP and only this rank's shard is cut out (no communication)."""
     mesh = param.device_mesh
+    over_dp = Partial() if reduce else Replicate()
     placements = [
-        Partial() if dim == DP_DIM else placement
+        over_dp if dim == DP_DIM else placement
         for dim, placement in zip(mesh.mesh_dim_names, param.placements, strict=True)
     ]
     partial = DTensor.from_local(
@@ -319,17 +322,22 @@ class DPOptimizerTP(Optimizer):
     ) -> None:
         """Contract rule 7 (docs/usage.md), in place: sum the noised sums over the DP group, then
         give every TP rank TP rank 0's replicated sums (which alone carry the replicated noise of
-        rule 6). Bucketed all-reduce for parameters replicated over DP; for parameters FSDP shards
-        over DP (``params`` given), a reduce-scatter that leaves each rank its FSDP shard of the
-        sum (``sums[i]`` is replaced by that shard)."""
+        rule 6). Bucketed all-reduce for parameters replicated over DP. A parameter FSDP shards
+        over DP (``params`` given) ends with only its FSDP shard of the sum (``sums[i]`` is
+        replaced by it): a reduce-scatter for large ones, and for small ones (fewer than
+        ``_REDUCE_SCATTER_MIN_NUMEL`` elements: one collective each would cost more than it
+        saves) the bucketed all-reduce followed by a local cut."""
         fsdp = {
             i
             for i, p in enumerate(params or [])
             if isinstance(p, DTensor) and is_fsdp_mesh(p.device_mesh)
         }
-        _flat_collective([t for i, t in enumerate(sums) if i not in fsdp], self.mesh.all_reduce_dp)
+        scattered = {i for i in fsdp if sums[i].numel() >= _REDUCE_SCATTER_MIN_NUMEL}
+        _flat_collective(
+            [t for i, t in enumerate(sums) if i not in scattered], self.mesh.all_reduce_dp
+        )
         for i in sorted(fsdp):
-            sums[i] = _reduce_scatter_over_dp(sums[i], params[i])
+            sums[i] = _shard_over_dp(sums[i], params[i], reduce=i in scattered)
         replicated = [t for t, lay in zip(sums, layouts, strict=True) if not lay.sharded]
         _flat_collective(replicated, self.mesh.broadcast_tp)
 

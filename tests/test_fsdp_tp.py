@@ -44,8 +44,19 @@ def _shard(model, dp_mesh) -> None:
 
 def _run(name: str, tmp: str, tp_size: int, mode: str) -> dict[str, float]:
     """``mode``: a ``grad_sample_mode``; ``"<mode>+accumulation"`` runs the DP share as two
-    micro-batches (``clip_and_accumulate`` after the first)."""
-    mode, _, accumulation = mode.partition("+")
+    micro-batches (``clip_and_accumulate`` after the first); ``"<mode>+scatter"`` reduce-scatters
+    every FSDP sum (by default only large ones are; small ones are all-reduced and cut)."""
+    from unittest import mock
+
+    from hf_dp_tp import optimizer as optimizer_module
+
+    mode, _, variant = mode.partition("+")
+    threshold = 0 if variant == "scatter" else optimizer_module._REDUCE_SCATTER_MIN_NUMEL
+    with mock.patch.object(optimizer_module, "_REDUCE_SCATTER_MIN_NUMEL", threshold):
+        return _run_variant(name, tmp, tp_size, mode, accumulation=variant == "accumulation")
+
+
+def _run_variant(name: str, tmp: str, tp_size: int, mode: str, accumulation: bool) -> dict:
     mesh = init_dp_tp_mesh(tp_size)
     dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
     model, plan, batch, loss_fn = _case(name, tmp)
@@ -93,7 +104,7 @@ def _run(name: str, tmp: str, tp_size: int, mode: str) -> dict[str, float]:
 
 
 def _worker(rank: int, world: int, cases: list[str], tmp: str, tp_size: int) -> dict:
-    modes = ("tp", "ghost", "ghost+accumulation")
+    modes = ("tp", "ghost", "ghost+accumulation", "ghost+scatter", "tp+scatter")
     return {f"{c} [{m}]": _run(c, tmp, tp_size, m) for c in cases for m in modes}
 
 
