@@ -175,6 +175,7 @@ class DPOptimizerTP(Optimizer):
         self.last_clip_factors: torch.Tensor | None = None
         self.step_hooks: list[Callable[[DPOptimizerTP], None]] = []
         self._clipped_sums: dict[int, torch.Tensor] = {}
+        self._step_params: list[torch.nn.Parameter] = []
         self._layouts: dict[int, ParamLayout] = {}
         self._skip_next_step = False
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
@@ -314,22 +315,18 @@ class DPOptimizerTP(Optimizer):
             if layout.sharded or self.mesh.tp_rank == 0:
                 total.add_(source.normal(tuple(total.shape), std, total.device, dtype=total.dtype))
 
-    def reduce(
-        self,
-        sums: list[torch.Tensor],
-        layouts: list[ParamLayout],
-        params: list[torch.nn.Parameter] | None = None,
-    ) -> None:
+    def reduce(self, sums: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
         """Contract rule 7 (docs/usage.md), in place: sum the noised sums over the DP group, then
         give every TP rank TP rank 0's replicated sums (which alone carry the replicated noise of
         rule 6). Bucketed all-reduce for parameters replicated over DP. A parameter FSDP shards
-        over DP (``params`` given) ends with only its FSDP shard of the sum (``sums[i]`` is
-        replaced by it): a reduce-scatter for large ones, and for small ones (fewer than
+        over DP (among the parameters of the step being taken, :meth:`add_noise_and_reduce`)
+        ends with only its FSDP shard of the sum (``sums[i]`` is replaced by it): a reduce-scatter for large ones, and for small ones (fewer than
         ``_REDUCE_SCATTER_MIN_NUMEL`` elements: one collective each would cost more than it
         saves) the bucketed all-reduce followed by a local cut."""
+        params = self._step_params if len(self._step_params) == len(sums) else []
         fsdp = {
             i
-            for i, p in enumerate(params or [])
+            for i, p in enumerate(params)
             if isinstance(p, DTensor) and is_fsdp_mesh(p.device_mesh)
         }
         scattered = {i for i in fsdp if sums[i].numel() >= _REDUCE_SCATTER_MIN_NUMEL}
@@ -361,7 +358,11 @@ class DPOptimizerTP(Optimizer):
         sums = self.take_clipped_sums(params)
         layouts = [self.layout_of(p) for p in params]
         self.add_noise(sums, layouts)
-        self.reduce(sums, layouts, params)
+        self._step_params = params  # reduce() cuts FSDP-sharded parameters' sums to their shard
+        try:
+            self.reduce(sums, layouts)
+        finally:
+            self._step_params = []
         self.scale(sums)
         self.write_grads(params, sums)
         self.steps_taken += 1
