@@ -189,16 +189,31 @@ class SecureNormalStream:
 class NoiseSource:
     """Draws ``N(0, std²)`` tensors for one optimizer step on one rank.
 
-    Seeded: a generator seeded from ``(seed, "noise", tp_rank, step)``. Secure: a
-    :class:`SecureNormalStream` under a fresh key (``seed`` must then be None; ``tp_rank`` and
-    ``step`` are not needed, every source is independent of every other).
+    Seeded: a generator seeded from ``(seed, "noise", tp_rank, step)``, or, for the owner of an
+    FSDP shard (``dp_rank`` given), from ``(seed, "shard noise", dp_rank, tp_rank, step)``: one
+    stream per shard owner. Secure: a :class:`SecureNormalStream` under a fresh key (``seed``
+    must then be None; the ranks and ``step`` are not needed, every source is independent of
+    every other).
     """
 
-    def __init__(self, *, seed: int | None, tp_rank: int, step: int, secure: bool) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int | None,
+        tp_rank: int,
+        step: int,
+        secure: bool,
+        dp_rank: int | None = None,
+    ) -> None:
         if not secure and seed is None:
             raise ValueError("a seeded noise source needs a seed (or use secure mode)")
         self.secure = secure
-        self._seed = None if secure else derive_seed(seed, "noise", tp_rank, step)
+        if secure:
+            self._seed = None
+        elif dp_rank is None:
+            self._seed = derive_seed(seed, "noise", tp_rank, step)
+        else:
+            self._seed = derive_seed(seed, "shard noise", dp_rank, tp_rank, step)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._stream = SecureNormalStream() if secure else None
 

@@ -301,7 +301,9 @@ class DPOptimizerTP(Optimizer):
         a sharded parameter's slice on every TP rank from that rank's own source (a seeded stream
         per TP rank, or a fresh secret key per rank and step in secure mode: independent across
         shards and steps); a replicated parameter's only on TP rank 0 (the others receive it with
-        the TP broadcast that follows the all-reduce, so every TP peer holds the same noise)."""
+        the TP broadcast that follows the all-reduce, so every TP peer holds the same noise).
+        Parameters FSDP shards over DP are skipped here: their noise is added by each shard's
+        owner after the reduction (:meth:`add_shard_noise`)."""
         if self.mesh.dp_rank != 0 or self.noise_multiplier == 0:
             return
         source = NoiseSource(
@@ -311,30 +313,63 @@ class DPOptimizerTP(Optimizer):
             secure=self.secure_mode,
         )
         std = self.noise_multiplier * self.max_grad_norm
-        for total, layout in zip(sums, layouts, strict=True):
+        fsdp = self._fsdp_indices(len(sums))
+        for i, (total, layout) in enumerate(zip(sums, layouts, strict=True)):
+            if i in fsdp:
+                continue
             if layout.sharded or self.mesh.tp_rank == 0:
                 total.add_(source.normal(tuple(total.shape), std, total.device, dtype=total.dtype))
+
+    def add_shard_noise(self, shards: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
+        """Contract rule 6 for parameters FSDP shards over DP, in place on this rank's shards of
+        the DP-summed clipped sums: every DP rank adds ``N(0, (σC)²)`` to the shard it owns, from
+        its own source (a seeded stream per DP and TP rank, or fresh secret keys): each element
+        of the gradient is noised exactly once, independently across owners and TP shards; a
+        TP-replicated parameter's shard only on TP rank 0 (the TP broadcast that follows gives
+        its peers the same noise)."""
+        if self.noise_multiplier == 0 or not shards:
+            return
+        source = NoiseSource(
+            seed=self.noise_seed,
+            tp_rank=self.mesh.tp_rank,
+            step=self.steps_taken,
+            secure=self.secure_mode,
+            dp_rank=self.mesh.dp_rank,
+        )
+        std = self.noise_multiplier * self.max_grad_norm
+        for shard, layout in zip(shards, layouts, strict=True):
+            if layout.sharded or self.mesh.tp_rank == 0:
+                shard.add_(source.normal(tuple(shard.shape), std, shard.device, dtype=shard.dtype))
+
+    def _fsdp_indices(self, count: int) -> set[int]:
+        """Indices, among the parameters of the step being taken, of those FSDP shards over DP."""
+        params = self._step_params if len(self._step_params) == count else []
+        return {
+            i
+            for i, p in enumerate(params)
+            if isinstance(p, DTensor) and is_fsdp_mesh(p.device_mesh)
+        }
 
     def reduce(self, sums: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
         """Contract rule 7 (docs/usage.md), in place: sum the noised sums over the DP group, then
         give every TP rank TP rank 0's replicated sums (which alone carry the replicated noise of
         rule 6). Bucketed all-reduce for parameters replicated over DP. A parameter FSDP shards
         over DP (among the parameters of the step being taken, :meth:`add_noise_and_reduce`)
-        ends with only its FSDP shard of the sum (``sums[i]`` is replaced by it): a reduce-scatter for large ones, and for small ones (fewer than
+        ends with only its FSDP shard of the sum (``sums[i]`` is replaced by it) — a
+        reduce-scatter for large ones, and for small ones (fewer than
         ``_REDUCE_SCATTER_MIN_NUMEL`` elements: one collective each would cost more than it
-        saves) the bucketed all-reduce followed by a local cut."""
-        params = self._step_params if len(self._step_params) == len(sums) else []
-        fsdp = {
-            i
-            for i, p in enumerate(params)
-            if isinstance(p, DTensor) and is_fsdp_mesh(p.device_mesh)
-        }
+        saves) the bucketed all-reduce followed by a local cut — and then its owner's noise
+        (:meth:`add_shard_noise`), before the TP broadcast."""
+        fsdp = self._fsdp_indices(len(sums))
+        params = self._step_params
         scattered = {i for i in fsdp if sums[i].numel() >= _REDUCE_SCATTER_MIN_NUMEL}
         _flat_collective(
             [t for i, t in enumerate(sums) if i not in scattered], self.mesh.all_reduce_dp
         )
         for i in sorted(fsdp):
             sums[i] = _shard_over_dp(sums[i], params[i], reduce=i in scattered)
+        order = sorted(fsdp)
+        self.add_shard_noise([sums[i] for i in order], [layouts[i] for i in order])
         replicated = [t for t, lay in zip(sums, layouts, strict=True) if not lay.sharded]
         _flat_collective(replicated, self.mesh.broadcast_tp)
 
@@ -357,9 +392,10 @@ class DPOptimizerTP(Optimizer):
         params = self.params()
         sums = self.take_clipped_sums(params)
         layouts = [self.layout_of(p) for p in params]
-        self.add_noise(sums, layouts)
-        self._step_params = params  # reduce() cuts FSDP-sharded parameters' sums to their shard
+        # add_noise() and reduce() treat FSDP-sharded parameters apart (noise by shard owners)
+        self._step_params = params
         try:
+            self.add_noise(sums, layouts)
             self.reduce(sums, layouts)
         finally:
             self._step_params = []

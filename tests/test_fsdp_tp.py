@@ -139,14 +139,18 @@ def test_fsdp2_dp2_tp2_matches_single_process_dp_sgd(llama_dir):
 SIGMA, CLIP = 1.5, 2.0
 
 
-def _noise_run(mesh, every_dp_rank: bool) -> dict:
-    """One noisy step on zero per-sample gradients: the gradient is the noise. With
-    ``every_dp_rank`` the optimizer is mutated to add noise on every DP rank (the bug the
-    statistics must catch)."""
-    import dataclasses
+MUTATIONS = (None, "noise_before_reduction_too", "owners_share_a_stream")
+
+
+def _noise_run(mesh, mutation: str | None) -> dict:
+    """One noisy step on zero per-sample gradients: the gradient is the noise. ``mutation``
+    breaks rule 6 the way the statistics must catch: FSDP shards noised by DP rank 0 before the
+    reduction as well as by their owners, or every owner drawing from the same stream."""
     from unittest import mock
 
     from hf_dp_tp import DPOptimizerTP
+    from hf_dp_tp import optimizer as optimizer_module
+    from hf_dp_tp.noise import NoiseSource
     from tests.test_noise import PLAN, WideMLP
 
     torch.manual_seed(0)
@@ -166,19 +170,31 @@ def _noise_run(mesh, every_dp_rank: bool) -> dict:
     )
     add_noise = DPOptimizerTP.add_noise
 
-    def on_every_dp_rank(self, sums, layouts):
-        mesh_info = self.mesh
-        self.mesh = dataclasses.replace(mesh_info, dp_rank=0)
+    def noise_before_reduction_too(self, sums, layouts):
+        saved, self._step_params = self._step_params, []  # FSDP parameters not skipped
         try:
             add_noise(self, sums, layouts)
         finally:
-            self.mesh = mesh_info
+            self._step_params = saved
 
+    class SharedOwnerStream(NoiseSource):
+        def __init__(self, **kwargs):
+            if kwargs.get("dp_rank") is not None:
+                kwargs["dp_rank"] = 0
+            super().__init__(**kwargs)
+
+    patches = {
+        None: mock.patch.object(DPOptimizerTP, "add_noise", add_noise),
+        "noise_before_reduction_too": mock.patch.object(
+            DPOptimizerTP, "add_noise", noise_before_reduction_too
+        ),
+        "owners_share_a_stream": mock.patch.object(
+            optimizer_module, "NoiseSource", SharedOwnerStream
+        ),
+    }
     x = torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(7))
     (model(x) * 0.0).sum().backward()  # every per-sample gradient is exactly zero
-    with mock.patch.object(
-        DPOptimizerTP, "add_noise", on_every_dp_rank if every_dp_rank else add_noise
-    ):
+    with patches[mutation]:
         optimizer.step()
     out = {
         name: {
@@ -196,37 +212,45 @@ def _noise_worker(rank: int, world: int) -> dict:
     mesh = init_dp_tp_mesh(2)
     return {
         "coord": (mesh["dp"].get_local_rank(), mesh["tp"].get_local_rank()),
-        "correct": _noise_run(mesh, every_dp_rank=False),
-        "mutant": _noise_run(mesh, every_dp_rank=True),
+        **{str(m): _noise_run(mesh, m) for m in MUTATIONS},
     }
 
 
-def test_fsdp2_noise_is_added_once_per_element():
+def _corr(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    a, b = a.flatten().double(), b.flatten().double()
+    m = min(a.numel(), b.numel())
+    return torch.corrcoef(torch.stack([a[:m], b[:m]]))[0, 1].item(), m
+
+
+def test_fsdp2_noise_is_added_once_per_element_by_shard_owners():
     import math
 
     results = run_distributed(_noise_worker, 4)
     by_coord = {r["coord"]: r for r in results}
     ref = by_coord[(0, 0)]
-    for name, entry in ref["correct"].items():
+    for name, entry in ref["None"].items():
         full = entry["full"].double()
         n = full.numel()
         std = full.std().item()
-        print(
-            f"{name}: std {std:.4f} (target {SIGMA * CLIP}), mutant {ref['mutant'][name]['full'].std():.4f}"
-        )
+        twice = ref["noise_before_reduction_too"][name]["full"].double().std().item()
+        print(f"{name}: std {std:.4f} (target {SIGMA * CLIP}), noised twice {twice:.4f}")
         rel_se = 1 / math.sqrt(2 * n)
         assert abs(std / (SIGMA * CLIP) - 1) < 6 * rel_se, (name, std, n)
-        mutant = ref["mutant"][name]["full"].double().std().item()
-        # noise on every DP rank (same seeded stream on each: x2 here) fails the same check
-        assert abs(mutant / (SIGMA * CLIP) - 1) > 6 * rel_se, (name, mutant)
+        if n >= 1024:  # std × √2 is then far outside 6 standard errors: the mutant fails
+            assert abs(twice / (SIGMA * CLIP) - 1) > 6 * rel_se, (name, twice)
         for r in results:  # every rank sees the same full gradient
-            assert torch.equal(r["correct"][name]["full"], entry["full"]), name
+            assert torch.equal(r["None"][name]["full"], entry["full"]), name
         for dp in (0, 1):  # TP peers holding the same FSDP shard
-            a = by_coord[(dp, 0)]["correct"][name]["local"].flatten().double()
-            b = by_coord[(dp, 1)]["correct"][name]["local"].flatten().double()
+            a, b = (by_coord[(dp, tp)]["None"][name]["local"] for tp in (0, 1))
             if entry["tp_sharded"]:
-                m = min(a.numel(), b.numel())
-                corr = torch.corrcoef(torch.stack([a[:m], b[:m]]))[0, 1].item()
+                corr, m = _corr(a, b)
                 assert abs(corr) < 6 / math.sqrt(m), (name, corr)
             else:
                 assert torch.equal(a, b), name  # TP-replicated: identical noise
+        for tp in (0, 1):  # the two DP owners' shards: independent; the mutant's are not
+            corr, m = _corr(*(by_coord[(dp, tp)]["None"][name]["local"] for dp in (0, 1)))
+            assert abs(corr) < 6 / math.sqrt(m), (name, corr)
+            shared = by_coord[(0, tp)]["owners_share_a_stream"][name]["local"]
+            other = by_coord[(1, tp)]["owners_share_a_stream"][name]["local"]
+            if shared.numel() == other.numel() and shared.numel() > 1:
+                assert _corr(shared, other)[0] > 0.99, name
