@@ -306,19 +306,12 @@ class DPOptimizerTP(Optimizer):
         owner after the reduction (:meth:`add_shard_noise`)."""
         if self.mesh.dp_rank != 0 or self.noise_multiplier == 0:
             return
-        source = NoiseSource(
-            seed=self.noise_seed,
-            tp_rank=self.mesh.tp_rank,
-            step=self.steps_taken,
-            secure=self.secure_mode,
-        )
-        std = self.noise_multiplier * self.max_grad_norm
         fsdp = self._fsdp_indices(len(sums))
-        for i, (total, layout) in enumerate(zip(sums, layouts, strict=True)):
-            if i in fsdp:
-                continue
-            if layout.sharded or self.mesh.tp_rank == 0:
-                total.add_(source.normal(tuple(total.shape), std, total.device, dtype=total.dtype))
+        self._add_noise_to(
+            [t for i, t in enumerate(sums) if i not in fsdp],
+            [lay for i, lay in enumerate(layouts) if i not in fsdp],
+            dp_rank=None,
+        )
 
     def add_shard_noise(self, shards: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
         """Contract rule 6 for parameters FSDP shards over DP, in place on this rank's shards of
@@ -329,17 +322,25 @@ class DPOptimizerTP(Optimizer):
         its peers the same noise)."""
         if self.noise_multiplier == 0 or not shards:
             return
+        self._add_noise_to(shards, layouts, dp_rank=self.mesh.dp_rank)
+
+    def _add_noise_to(
+        self, tensors: list[torch.Tensor], layouts: list[ParamLayout], dp_rank: int | None
+    ) -> None:
+        """``N(0, (σC)²)`` in each tensor's dtype, from this rank's source for this step (one
+        per TP rank, or per DP and TP rank for FSDP shard owners): on every TP rank for TP-sharded
+        parameters, on TP rank 0 only for TP-replicated ones."""
         source = NoiseSource(
             seed=self.noise_seed,
             tp_rank=self.mesh.tp_rank,
             step=self.steps_taken,
             secure=self.secure_mode,
-            dp_rank=self.mesh.dp_rank,
+            dp_rank=dp_rank,
         )
         std = self.noise_multiplier * self.max_grad_norm
-        for shard, layout in zip(shards, layouts, strict=True):
+        for total, layout in zip(tensors, layouts, strict=True):
             if layout.sharded or self.mesh.tp_rank == 0:
-                shard.add_(source.normal(tuple(shard.shape), std, shard.device, dtype=shard.dtype))
+                total.add_(source.normal(tuple(total.shape), std, total.device, dtype=total.dtype))
 
     def _fsdp_indices(self, count: int) -> set[int]:
         """Indices, among the parameters of the step being taken, of those FSDP shards over DP."""
