@@ -254,3 +254,43 @@ def test_fsdp2_noise_is_added_once_per_element_by_shard_owners():
             other = by_coord[(1, tp)]["owners_share_a_stream"][name]["local"]
             if shared.numel() == other.numel() and shared.numel() > 1:
                 assert _corr(shared, other)[0] > 0.99, name
+
+
+@pytest.mark.slow
+def test_fsdp2_tp2_on_two_local_nodes_matches_single_process(llama_dir, tmp_path):
+    """The same check through the multi-node launch: two ``torchrun --nnodes 2`` launchers on
+    localhost (c10d rendezvous), 2 processes each; TP inside a "node", FSDP across the two."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.distributed_harness import ROOT, find_free_port, script_env
+
+    port, result_file = find_free_port(), str(tmp_path / "errors.json")
+    launchers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *("--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "2"),
+                *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"),
+                *("--rdzv-id", f"fsdp-two-nodes-{port}"),
+                "-m",
+                "tests.fsdp_two_node_worker",
+                llama_dir,
+                result_file,
+            ],
+            cwd=ROOT,
+            env=script_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+    for launcher, (out, err) in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, out[-3000:] + err[-3000:]
+    with open(result_file) as f:
+        _check(json.load(f))
