@@ -407,7 +407,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
 
     from hf_dp_tp import DPOptimizerTP, GradSampleControllerTP, init_dp_tp_mesh
     from hf_dp_tp.optimizer import split_mixed_param_groups
-    from hf_dp_tp.parallel import apply_tp_plan, destroy_process_groups
+    from hf_dp_tp.parallel import apply_tp_plan, destroy_process_groups, fully_shard_over_dp
 
     warnings.filterwarnings("ignore")
     world = int(os.environ["WORLD_SIZE"])
@@ -425,11 +425,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
     model = build_model(cfg, device)
     apply_tp_plan(model, mesh["tp"], "auto")
     if cfg.get("fsdp"):
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
+        fully_shard_over_dp(model, mesh)  # per decoder layer, then the root
     after_build = current_memory_mb(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

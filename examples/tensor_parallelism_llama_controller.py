@@ -64,6 +64,7 @@ from hf_dp_tp import PrivacyEngineGradSampleController, init_dp_tp_mesh
 from hf_dp_tp.parallel import (
     apply_tp_plan,
     destroy_process_groups,
+    fully_shard_over_dp,
     init_distributed,
     llama_sequence_parallel_plan,
 )
@@ -200,12 +201,8 @@ def main() -> None:
     model.to(device)
     plan = "auto" if args.plan == "auto" else llama_sequence_parallel_plan()
     apply_tp_plan(model, mesh["tp"], plan)
-    if args.fsdp:  # after TP, as torchtitan does: each layer, then the root
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
+    if args.fsdp:  # after TP, as torchtitan does: fully_shard each decoder layer, then the root
+        fully_shard_over_dp(model, mesh)
     model.train()  # from_pretrained returns eval mode, where the per-sample hooks stay silent
 
     dataset = markov_dataset(args, model.config.vocab_size)

@@ -237,17 +237,23 @@ def _generation_squared_norms(terms: list[Term], shape: tuple[int, ...]) -> torc
                 part = a.inner(b) if b is a else 2 * a.inner(b)
                 total = part if total is None else total + part
         return total
-    dtype = _acc(_term_dtype(terms[0]))
-    total = None
-    for t in terms:
-        g = t.materialise(dtype) if isinstance(t, OuterProducts) else t.to(dtype)
-        g = g.reshape(g.shape[0], *shape)
-        total = g if total is None else total + g
+    total = _materialised_sum(terms, shape, _acc(terms[0].dtype))
     return total.pow(2).flatten(1).sum(1)
 
 
-def _term_dtype(t: Term) -> torch.dtype:
-    return t.dtype
+def _materialised_sum(
+    terms: list[Term], shape: tuple[int, ...], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``Σ_k G_k`` of one forward pass as ``[B, *shape]``, in ``dtype`` (else each term's own)."""
+    total = None
+    for t in terms:
+        if isinstance(t, OuterProducts):
+            g = t.materialise(dtype)
+        else:
+            g = t if dtype is None else t.to(dtype)
+        g = g.reshape(g.shape[0], *shape)
+        total = g if total is None else total + g
+    return total
 
 
 @dataclass
@@ -289,7 +295,7 @@ class FactoredGradSample:
 
     @property
     def dtype(self) -> torch.dtype:
-        return _term_dtype(self.generations[0][0])
+        return self.generations[0][0].dtype
 
     def squared_norms(self) -> torch.Tensor:
         """``[B]`` squared norms of the local per-sample gradients, in at least fp32."""
@@ -316,14 +322,7 @@ class FactoredGradSample:
 
     def materialise(self) -> torch.Tensor:
         """``[B, *shape]`` per-sample gradients (for tests and debugging: the expensive form)."""
-        parts = []
-        for terms in self.generations:
-            total = None
-            for t in terms:
-                g = t.materialise() if isinstance(t, OuterProducts) else t
-                g = g.reshape(g.shape[0], *self.shape)
-                total = g if total is None else total + g
-            parts.append(total)
+        parts = [_materialised_sum(terms, self.shape) for terms in self.generations]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _device(self) -> torch.device:

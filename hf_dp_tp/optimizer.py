@@ -367,9 +367,9 @@ class DPOptimizerTP(Optimizer):
         _flat_collective(
             [t for i, t in enumerate(sums) if i not in scattered], self.mesh.all_reduce_dp
         )
-        for i in sorted(fsdp):
-            sums[i] = _shard_over_dp(sums[i], params[i], reduce=i in scattered)
         order = sorted(fsdp)
+        for i in order:
+            sums[i] = _shard_over_dp(sums[i], params[i], reduce=i in scattered)
         self.add_shard_noise([sums[i] for i in order], [layouts[i] for i in order])
         replicated = [t for t, lay in zip(sums, layouts, strict=True) if not lay.sharded]
         _flat_collective(replicated, self.mesh.broadcast_tp)

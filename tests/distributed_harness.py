@@ -124,6 +124,38 @@ def torchrun_command(script: str | Path, *args: str, nproc: int = 2) -> list[str
     ]
 
 
+def run_on_two_local_nodes(target: list[str], nproc_per_node: int = 2, timeout: int = 300) -> str:
+    """The multi-node launch on one machine: two ``torchrun --nnodes 2`` launchers (one per
+    "node", ``nproc_per_node`` processes each) rendezvous over c10d on a free localhost port and
+    run ``target`` (a script and its arguments, or ``-m module ...``) from the repo root; fail
+    with their output unless both exit 0. Returns node 0's stdout."""
+    port = find_free_port()
+    launchers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *("--nnodes", "2", "--node-rank", str(node)),
+                *("--nproc-per-node", str(nproc_per_node)),
+                *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"),
+                *("--rdzv-id", f"two-nodes-{port}"),
+                *target,
+            ],
+            cwd=ROOT,
+            env=script_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [launcher.communicate(timeout=timeout) for launcher in launchers]
+    for launcher, (out, err) in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, out[-3000:] + err[-3000:]
+    return outputs[0][0]
+
+
 def run_script(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 420) -> str:
     """Run ``cmd`` from the repo root; fail with the tail of its output unless it exits 0.
     Returns its stdout."""

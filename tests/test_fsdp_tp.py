@@ -261,36 +261,10 @@ def test_fsdp2_tp2_on_two_local_nodes_matches_single_process(llama_dir, tmp_path
     """The same check through the multi-node launch: two ``torchrun --nnodes 2`` launchers on
     localhost (c10d rendezvous), 2 processes each; TP inside a "node", FSDP across the two."""
     import json
-    import subprocess
-    import sys
 
-    from tests.distributed_harness import ROOT, find_free_port, script_env
+    from tests.distributed_harness import run_on_two_local_nodes
 
-    port, result_file = find_free_port(), str(tmp_path / "errors.json")
-    launchers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                *("--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "2"),
-                *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"),
-                *("--rdzv-id", f"fsdp-two-nodes-{port}"),
-                "-m",
-                "tests.fsdp_two_node_worker",
-                llama_dir,
-                result_file,
-            ],
-            cwd=ROOT,
-            env=script_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for node in (0, 1)
-    ]
-    outputs = [launcher.communicate(timeout=300) for launcher in launchers]
-    for launcher, (out, err) in zip(launchers, outputs, strict=True):
-        assert launcher.returncode == 0, out[-3000:] + err[-3000:]
+    result_file = str(tmp_path / "errors.json")
+    run_on_two_local_nodes(["-m", "tests.fsdp_two_node_worker", llama_dir, result_file])
     with open(result_file) as f:
         _check(json.load(f))
