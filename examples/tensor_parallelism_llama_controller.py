@@ -12,6 +12,7 @@ What this example demonstrates:
   objects with sequence-parallel RMSNorms;
 - ``--fsdp``: FSDP2 (``fully_shard`` over ``mesh["dp"]``, per decoder layer and the root) on
   top of TP, so parameters, gradients and optimizer state are sharded over DP as well;
+  ``--dp_replicate_size r`` with it: HSDP, r replicas each sharded over ``dp / r`` ranks;
 - ``PrivacyEngineGradSampleController.make_private`` (or ``make_private_with_epsilon`` with
   ``--target_epsilon``) with ``grad_sample_mode="tp"`` or ``"ghost"``, Poisson sampling and the
   ``("dp", "tp")`` mesh;
@@ -64,6 +65,7 @@ from hf_dp_tp import PrivacyEngineGradSampleController, init_dp_tp_mesh
 from hf_dp_tp.parallel import (
     apply_tp_plan,
     destroy_process_groups,
+    dim_mesh,
     fully_shard_over_dp,
     init_distributed,
     llama_sequence_parallel_plan,
@@ -92,6 +94,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="shard parameters, gradients and optimizer state over the DP dim too (FSDP2 "
         "fully_shard per decoder layer and the root, over mesh['dp'])",
+    )
+    parallel.add_argument(
+        "--dp_replicate_size",
+        type=int,
+        default=1,
+        help="with --fsdp: HSDP with this many replicas (e.g. the number of nodes), each FSDP-"
+        "sharded over dp / dp_replicate_size ranks",
     )
     parallel.add_argument(
         "--grad_sample_mode",
@@ -193,8 +202,11 @@ def main() -> None:
         print("warning: --bf16 on CPU is slow; it is meant for GPUs")
     if args.plan == "sequence_parallel" and args.seq_len % args.tp_size != 0:
         raise SystemExit(f"--plan sequence_parallel needs seq_len divisible by {args.tp_size}")
-    mesh = init_dp_tp_mesh(args.tp_size)
-    dp_group = mesh["dp"].get_group()
+    if args.dp_replicate_size > 1 and not args.fsdp:
+        raise SystemExit("--dp_replicate_size needs --fsdp (HSDP replicates sharded groups)")
+    mesh = init_dp_tp_mesh(args.tp_size, dp_replicate_size=args.dp_replicate_size)
+    dp_mesh = dim_mesh(mesh, "dp")  # every rank that draws its own part of the batch
+    dp_group = dp_mesh.get_group()
 
     model = load_model(args)
     model.config.use_cache = False
@@ -232,7 +244,8 @@ def main() -> None:
     if rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
-            f"dp={mesh['dp'].size()}{' (FSDP)' if args.fsdp else ''} tp={mesh['tp'].size()} "
+            f"dp={dp_mesh.size()}{' (FSDP)' if args.fsdp else ''} tp={mesh['tp'].size()} "
+            f"{f'replicas={args.dp_replicate_size} ' if args.dp_replicate_size > 1 else ''}"
             f"plan={args.plan} mode={args.grad_sample_mode} device={device} "
             f"dtype={next(model.parameters()).dtype} "
             f"params={trainable} N={len(dataset)} q={engine.sample_rate:.4f} "

@@ -219,7 +219,9 @@ class DPTrainingArguments(TrainingArguments):
             self.use_cpu = (
                 True  # gloo on CPU: Trainer/accelerate need use_cpu for multi-process CPU
             )
-        self.dp_fully_shard = self._take_fsdp_setting()
+        self.dp_fully_shard, self.dp_replicate_size, self.dp_mesh_size = (
+            self._take_sharding_settings()
+        )
         super().__post_init__()
         self._validate_privacy_settings()
         if self.dp_seed is not None:
@@ -229,35 +231,78 @@ class DPTrainingArguments(TrainingArguments):
                 "for reproducibility tests only; it is never written under output_dir."
             )
 
-    def _take_fsdp_setting(self) -> bool:
-        """Trainer's ``fsdp="full_shard"`` (the HF idiom) selects FSDP2 over the DP dimension,
-        which DPTrainer applies itself after TP (``fully_shard`` over the mesh's ``"dp"`` dim,
-        per decoder layer then the root); accelerate's FSDP plugin is not used (it would reduce
-        the non-private gradients and wrap the model before TP). Other FSDP options are refused.
+    def _take_sharding_settings(self) -> tuple[bool, int | None, int | None]:
+        """``(dp_fully_shard, dp_replicate_size, dp_mesh_size)`` from the HF idioms for sharded
+        data parallelism, which DPTrainer applies itself after TP (``fully_shard`` per decoder
+        layer then the root, :func:`hf_dp_tp.parallel.fully_shard_over_dp`); accelerate's FSDP
+        plugin is never used (it would reduce the non-private gradients and wrap the model
+        before TP).
+
+        - Trainer's ``fsdp="full_shard"``: FSDP2 over every DP rank. ``fsdp="hybrid_shard"``:
+          HSDP, FSDP inside a node and one replica per node (``dp_replicate_size`` None: the
+          number of nodes, known at launch). ``"auto_wrap"`` may accompany either (the wrapping
+          is always per decoder layer); offload and ZeRO-2 style options are refused.
+        - accelerate's ``parallelism_config=ParallelismConfig(dp_replicate_size=r,
+          dp_shard_size=s, tp_size=t)``: TP over t, FSDP over s (when s > 1), replicas over r;
+          it sets ``tp_size`` and must cover the world (``dp_mesh_size`` r·s, checked at launch).
+          Context and sequence parallelism are refused.
         """
         fsdp = self.fsdp
         options = fsdp.split() if isinstance(fsdp, str) else [str(o) for o in (fsdp or [])]
-        options = [o.split(".")[-1].lower() for o in options]
-        if not options:
-            return False
-        if options != ["full_shard"]:
+        options = {o.split(".")[-1].lower() for o in options}
+        parallelism = self.parallelism_config
+        if options and parallelism is not None:
             raise ValueError(
-                f"fsdp={fsdp!r}: DPTrainer supports fsdp='full_shard' only (FSDP2 over the DP "
-                "dimension, on top of tp_size); offload, hybrid and auto-wrap options are not "
-                "supported."
+                "give the sharding either as fsdp=... or as parallelism_config=ParallelismConfig"
+                "(...), not both."
+            )
+        shard_options = options - {"auto_wrap"}
+        if options and shard_options not in ({"full_shard"}, {"hybrid_shard"}):
+            raise ValueError(
+                f"fsdp={fsdp!r}: DPTrainer supports fsdp='full_shard' (FSDP2 over the DP "
+                "dimension, on top of tp_size) and fsdp='hybrid_shard' (FSDP inside a node, one "
+                "replica per node), optionally with 'auto_wrap'; offload and shard_grad_op "
+                "options are not supported."
             )
         config = self.fsdp_config or {}
-        if isinstance(config, dict):
+        if options and isinstance(config, dict):
             version = config.get("fsdp_version", config.get("version", 2))
             if int(version) != 2:
                 raise ValueError(f"fsdp_config fsdp_version={version}: only FSDP2 is supported.")
-        if self.grad_sample_mode == "hooks":
+        replicate, mesh_size, sharded = 1, None, bool(options)
+        if options == {"hybrid_shard"} or shard_options == {"hybrid_shard"}:
+            replicate = None  # one replica per node
+        if parallelism is not None:
+            replicate, sharded, mesh_size = self._take_parallelism_config(parallelism)
+        if sharded and self.grad_sample_mode == "hooks":
             raise ValueError(
-                "fsdp='full_shard' shards parameters as DTensors: use grad_sample_mode='tp' or "
-                "'ghost', not 'hooks'."
+                "FSDP shards parameters as DTensors: use grad_sample_mode='tp' or 'ghost', not "
+                "'hooks'."
             )
-        self.fsdp, self.fsdp_config = "", None
-        return True
+        self.fsdp, self.fsdp_config, self.parallelism_config = "", None, None
+        return sharded, (replicate if sharded else 1), mesh_size
+
+    def _take_parallelism_config(self, parallelism) -> tuple[int, bool, int]:
+        """``(dp_replicate_size, fsdp, dp_mesh_size)`` of an accelerate ``ParallelismConfig``;
+        sets ``tp_size`` from it."""
+        sizes = {
+            name: int(getattr(parallelism, name, None) or 1)
+            for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "sp_size")
+        }
+        if sizes["cp_size"] > 1 or sizes["sp_size"] > 1:
+            raise ValueError(
+                "parallelism_config with cp_size or sp_size > 1: context / sequence parallelism "
+                "is not supported by DPTrainer (per-sample gradients need each sample's tokens "
+                "on one TP group)."
+            )
+        if self.tp_size not in (1, sizes["tp_size"]):
+            raise ValueError(
+                f"tp_size={self.tp_size} but parallelism_config.tp_size={sizes['tp_size']}: give "
+                "the TP degree once (parallelism_config alone is enough)."
+            )
+        self.tp_size = sizes["tp_size"]
+        fsdp = sizes["dp_shard_size"] > 1
+        return sizes["dp_replicate_size"], fsdp, sizes["dp_replicate_size"] * sizes["dp_shard_size"]
 
     def to_dict(self) -> dict:
         """As ``TrainingArguments.to_dict``, with torch ``ParallelStyle`` objects of a dict

@@ -285,6 +285,7 @@ class GradSampleControllerTP:
         self._self_checked: set[int] = set()
         self._partial_over_tp: set[int] = set()
         self._unsharded: dict[int, torch.Tensor] = {}  # FSDP: sharded param id -> unsharded
+        self._fsdp_grad_hooks: set[int] = set()  # unsharded stand-ins whose grad is dropped
         try:
             self._attach()
         except BaseException:
@@ -358,6 +359,7 @@ class GradSampleControllerTP:
             handle.remove()
         self._handles.clear()
         self._self_check_handles.clear()
+        self._fsdp_grad_hooks.clear()
         for p in self.trainable_parameters():
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
@@ -517,6 +519,17 @@ class GradSampleControllerTP:
             )
         self._sampled_since_grad[id(param)] = False
 
+    def _drop_unsharded_grad(self, param: nn.Parameter, unsharded: torch.Tensor) -> None:
+        """After autograd accumulates the non-private gradient into FSDP's unsharded stand-in of
+        ``param``: check it came with a per-sample gradient (:meth:`_check_sampled`), then drop
+        it, so that FSDP's post-backward finds nothing to reduce-scatter. The DP-SGD gradient is
+        the optimizer's (clipped, noised, reduced), never FSDP's sum of raw gradients; with the
+        hooks disabled FSDP keeps its ordinary behaviour."""
+        if not self.hooks_enabled:
+            return
+        self._check_sampled(param)
+        unsharded.grad = None
+
     def _forward_hook(
         self, info: _HookedModule, module: nn.Module, args: tuple, kwargs: dict, output
     ) -> None:
@@ -559,6 +572,13 @@ class GradSampleControllerTP:
         known = self._unsharded.setdefault(id(param), current)
         if known is not current:
             return False
+        if id(current) not in self._fsdp_grad_hooks:
+            self._fsdp_grad_hooks.add(id(current))
+            self._handles.append(
+                current.register_post_accumulate_grad_hook(
+                    partial(self._drop_unsharded_grad, param)
+                )
+            )
         if id(param) not in self._self_checked and id(current) not in self._self_check_handles:
             self._self_check_handles[id(current)] = current.register_hook(
                 lambda grad, n=f"{info.name}.{name}": self._self_check(n, param, grad, current)

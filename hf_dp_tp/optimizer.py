@@ -24,7 +24,14 @@ from .controller import LOSS_REDUCTIONS
 from .ghost import GradSample, clipped_sum_of, squared_norms_of
 from .noise import NoiseSource
 from .norms import accumulation_dtype, reduce_squared_norms
-from .parallel import DP_DIM, MeshInfo, ParamLayout, is_fsdp_mesh, param_layout
+from .parallel import (
+    DP_DIMS,
+    DP_REPLICATE_DIM,
+    MeshInfo,
+    ParamLayout,
+    is_fsdp_mesh,
+    param_layout,
+)
 from .randomness import agree_on_seed
 
 CLIP_EPSILON = 1e-6
@@ -62,19 +69,27 @@ def _flat_collective(
 
 def _shard_over_dp(local_sum: torch.Tensor, param: DTensor, *, reduce: bool) -> torch.Tensor:
     """This rank's FSDP shard of a TP-local sum (the unsharded weight's shape). ``reduce``: the
-    sum is this rank's partial sum over the ``"dp"`` mesh dim, and DTensor turns it into the
-    parameter's own placements (a reduce-scatter over DP); otherwise it is already summed over
-    DP and only this rank's shard is cut out (no communication)."""
+    sum is this rank's partial sum over the FSDP dim (``"dp"`` or ``"dp_shard"``), and DTensor
+    turns it into the parameter's own placement there (a reduce-scatter); otherwise it is already
+    summed over that dim and only this rank's shard is cut out (no communication). An HSDP
+    parameter's ``"dp_replicate"`` dim stays a partial sum: :meth:`DPOptimizerTP.reduce` sums it
+    over the replicas after the shard owner's noise."""
     mesh = param.device_mesh
-    over_dp = Partial() if reduce else Replicate()
-    placements = [
-        over_dp if dim == DP_DIM else placement
-        for dim, placement in zip(mesh.mesh_dim_names, param.placements, strict=True)
-    ]
+    source, target = [], []
+    for dim, placement in zip(mesh.mesh_dim_names, param.placements, strict=True):
+        if dim == DP_REPLICATE_DIM:
+            source.append(Partial())
+            target.append(Partial())
+        elif dim in DP_DIMS:
+            source.append(Partial() if reduce else Replicate())
+            target.append(placement)
+        else:
+            source.append(placement)
+            target.append(placement)
     partial = DTensor.from_local(
-        local_sum, mesh, placements, run_check=False, shape=param.shape, stride=param.stride()
+        local_sum, mesh, source, run_check=False, shape=param.shape, stride=param.stride()
     )
-    return partial.redistribute(mesh, param.placements).to_local()
+    return partial.redistribute(mesh, target).to_local()
 
 
 def split_mixed_param_groups(optimizer: Optimizer) -> None:
@@ -315,14 +330,15 @@ class DPOptimizerTP(Optimizer):
 
     def add_shard_noise(self, shards: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
         """Contract rule 6 for parameters FSDP shards over DP, in place on this rank's shards of
-        the DP-summed clipped sums: every DP rank adds ``N(0, (σC)²)`` to the shard it owns, from
-        its own source (a seeded stream per DP and TP rank, or fresh secret keys): each element
-        of the gradient is noised exactly once, independently across owners and TP shards; a
-        TP-replicated parameter's shard only on TP rank 0 (the TP broadcast that follows gives
-        its peers the same noise)."""
-        if self.noise_multiplier == 0 or not shards:
+        the clipped sums summed over ``dp_shard``: every ``dp_shard`` rank of the first replica
+        (``dp_replicate`` rank 0; the only one without HSDP) adds ``N(0, (σC)²)`` to the shard it
+        owns, from its own source (a seeded stream per shard and TP rank, or fresh secret keys),
+        before the sum over replicas: each element of the gradient is noised exactly once,
+        independently across owners and TP shards; a TP-replicated parameter's shard only on TP
+        rank 0 (the TP broadcast that follows gives its peers the same noise)."""
+        if self.noise_multiplier == 0 or not shards or self.mesh.dp_replicate_rank != 0:
             return
-        self._add_noise_to(shards, layouts, dp_rank=self.mesh.dp_rank)
+        self._add_noise_to(shards, layouts, dp_rank=self.mesh.dp_shard_rank)
 
     def _add_noise_to(
         self, tensors: list[torch.Tensor], layouts: list[ParamLayout], dp_rank: int | None
@@ -354,23 +370,30 @@ class DPOptimizerTP(Optimizer):
     def reduce(self, sums: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
         """Contract rule 7 (docs/usage.md), in place: sum the noised sums over the DP group, then
         give every TP rank TP rank 0's replicated sums (which alone carry the replicated noise of
-        rule 6). Bucketed all-reduce for parameters replicated over DP. A parameter FSDP shards
-        over DP (among the parameters of the step being taken, :meth:`add_noise_and_reduce`)
-        ends with only its FSDP shard of the sum (``sums[i]`` is replaced by it) — a
-        reduce-scatter for large ones, and for small ones (fewer than
-        ``_REDUCE_SCATTER_MIN_NUMEL`` elements: one collective each would cost more than it
-        saves) the bucketed all-reduce followed by a local cut — and then its owner's noise
-        (:meth:`add_shard_noise`), before the TP broadcast."""
+        rule 6). Bucketed all-reduce for parameters replicated over DP.
+
+        A parameter FSDP shards over DP (among the parameters of the step being taken,
+        :meth:`add_noise_and_reduce`) ends with only its FSDP shard of the sum (``sums[i]`` is
+        replaced by it): summed over ``dp_shard`` — a reduce-scatter for large ones, and for small
+        ones (fewer than ``_REDUCE_SCATTER_MIN_NUMEL`` elements: one collective each would cost
+        more than it saves) the bucketed all-reduce followed by a local cut —, then noised by its
+        owner (:meth:`add_shard_noise`), then (HSDP) all-reduced over ``dp_replicate``; all before
+        the TP broadcast."""
         fsdp = self._fsdp_indices(len(sums))
         params = self._step_params
         scattered = {i for i in fsdp if sums[i].numel() >= _REDUCE_SCATTER_MIN_NUMEL}
-        _flat_collective(
-            [t for i, t in enumerate(sums) if i not in scattered], self.mesh.all_reduce_dp
-        )
+        replicated_over_dp = [t for i, t in enumerate(sums) if i not in fsdp]
+        small_fsdp = [t for i, t in enumerate(sums) if i in fsdp and i not in scattered]
+        if self.mesh.dp_replicate_size == 1:  # dp_shard is the whole DP group: one collective
+            _flat_collective(replicated_over_dp + small_fsdp, self.mesh.all_reduce_dp)
+        else:
+            _flat_collective(replicated_over_dp, self.mesh.all_reduce_dp)
+            _flat_collective(small_fsdp, self.mesh.all_reduce_dp_shard)
         order = sorted(fsdp)
         for i in order:
             sums[i] = _shard_over_dp(sums[i], params[i], reduce=i in scattered)
         self.add_shard_noise([sums[i] for i in order], [layouts[i] for i in order])
+        _flat_collective([sums[i] for i in order], self.mesh.all_reduce_dp_replicate)
         replicated = [t for t, lay in zip(sums, layouts, strict=True) if not lay.sharded]
         _flat_collective(replicated, self.mesh.broadcast_tp)
 

@@ -1,8 +1,11 @@
-"""The ``("dp", "tp")`` device mesh and how each parameter is laid out on it.
+"""The ``("dp", "tp")`` device mesh (or ``("dp_replicate", "dp_shard", "tp")`` for HSDP) and how
+each parameter is laid out on it.
 
 Vocabulary (see "The DP-SGD contract" in docs/usage.md): ranks of one **TP group** hold different
-shards of the same model and see the same batch; ranks of one **DP group** hold replicas and see
-disjoint sub-batches. Every reduction in this package names one of those two groups, never WORLD.
+shards of the same model and see the same batch; ranks of one **DP group** see disjoint
+sub-batches. Under HSDP the DP group is the product of ``dp_replicate`` (full replicas) and
+``dp_shard`` (FSDP shards of one replica), flattened as ``"dp"``. Every reduction in this package
+names one of those groups, never WORLD.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 DP_DIM = "dp"
 TP_DIM = "tp"
+DP_REPLICATE_DIM = "dp_replicate"
+DP_SHARD_DIM = "dp_shard"
+DP_DIMS = (DP_DIM, DP_REPLICATE_DIM, DP_SHARD_DIM)
 
 
 def init_distributed(timeout: timedelta | None = None) -> torch.device:
@@ -73,11 +79,22 @@ def destroy_process_groups(timeout: timedelta = timedelta(seconds=60)) -> None:
 
 
 def init_dp_tp_mesh(
-    tp_size: int, device_type: str | None = None, timeout: timedelta | None = None
+    tp_size: int,
+    device_type: str | None = None,
+    timeout: timedelta | None = None,
+    *,
+    dp_replicate_size: int = 1,
 ) -> DeviceMesh:
-    """Build the 2-D ``("dp", "tp")`` mesh over all ranks: ``dp_size = world_size // tp_size``.
+    """Build the device mesh over all ranks.
 
-    TP groups are blocks of ``tp_size`` consecutive ranks (ranks on one node share the fast links).
+    - ``dp_replicate_size`` 1 (default): the 2-D ``("dp", "tp")`` mesh, ``dp_size = world_size //
+      tp_size``.
+    - ``dp_replicate_size`` r > 1 (HSDP): the 3-D ``("dp_replicate", "dp_shard", "tp")`` mesh with
+      ``dp_shard = world_size // (r · tp_size)``; its two DP dims are also flattened as ``"dp"``
+      (``mesh["dp"]``: every rank that sees a different sub-batch).
+
+    TP groups are blocks of ``tp_size`` consecutive ranks (ranks on one node share the fast links);
+    the replicas of HSDP are the outermost blocks (one per node or group of nodes).
     ``timeout`` bounds every collective on the mesh's groups (they do not inherit the default
     group's timeout: without it, torch's default applies).
     """
@@ -89,23 +106,65 @@ def init_dp_tp_mesh(
             f"tp_size={tp_size} must divide the world size {world}; choose a tp_size among "
             f"{[d for d in range(1, world + 1) if world % d == 0]}."
         )
+    dp_size = world // tp_size
+    if dp_replicate_size < 1 or dp_size % dp_replicate_size != 0:
+        raise ValueError(
+            f"dp_replicate_size={dp_replicate_size} must divide the data-parallel size {dp_size} "
+            f"(world {world} / tp_size {tp_size}); choose among "
+            f"{[d for d in range(1, dp_size + 1) if dp_size % d == 0]}."
+        )
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(
-        device_type, (world // tp_size, tp_size), mesh_dim_names=(DP_DIM, TP_DIM)
-    )
+    if dp_replicate_size == 1:
+        mesh = init_device_mesh(device_type, (dp_size, tp_size), mesh_dim_names=(DP_DIM, TP_DIM))
+        dims: tuple[str, ...] = (DP_DIM, TP_DIM)
+    else:
+        shape = (dp_replicate_size, dp_size // dp_replicate_size, tp_size)
+        mesh = init_device_mesh(
+            device_type, shape, mesh_dim_names=(DP_REPLICATE_DIM, DP_SHARD_DIM, TP_DIM)
+        )
+        mesh[(DP_REPLICATE_DIM, DP_SHARD_DIM)]._flatten(DP_DIM)
+        dims = (DP_REPLICATE_DIM, DP_SHARD_DIM, DP_DIM, TP_DIM)
     if timeout is not None:
-        for dim in (DP_DIM, TP_DIM):
-            set_collective_timeout(timeout, mesh[dim].get_group())
+        for dim in dims:
+            set_collective_timeout(timeout, dim_mesh(mesh, dim).get_group())
     return mesh
+
+
+def dim_mesh(mesh: DeviceMesh, dim: str) -> DeviceMesh:
+    """``mesh[dim]``, also for the flattened ``"dp"`` dim of an HSDP mesh (kept by the mesh)."""
+    if dim == DP_DIM and DP_REPLICATE_DIM in (mesh.mesh_dim_names or ()):
+        return mesh[(DP_REPLICATE_DIM, DP_SHARD_DIM)]._flatten(DP_DIM)  # the cached one
+    return mesh[dim]
+
+
+def fsdp_mesh_of(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh ``fully_shard`` takes: ``mesh["dp"]`` of a ``("dp", "tp")`` mesh, the 2-D
+    ``("dp_replicate", "dp_shard")`` sub-mesh of an HSDP mesh (replicate over the first dim, shard
+    over the second), a 1-D mesh as it is."""
+    names = tuple(mesh.mesh_dim_names or ())
+    if DP_REPLICATE_DIM in names:
+        return mesh[(DP_REPLICATE_DIM, DP_SHARD_DIM)]
+    return mesh[names[0]] if mesh.ndim == 2 else mesh
+
+
+def _check_mesh_dims(names: tuple[str, ...] | None) -> None:
+    allowed = ((DP_DIM, TP_DIM), (DP_SHARD_DIM, TP_DIM), (DP_REPLICATE_DIM, DP_SHARD_DIM, TP_DIM))
+    if names is None or tuple(names) not in allowed:
+        raise ValueError(
+            f"device_mesh dims {names}: expected ('dp', 'tp') or, for HSDP, ('dp_replicate', "
+            "'dp_shard', 'tp') (hf_dp_tp.init_dp_tp_mesh builds both)."
+        )
 
 
 @dataclass(frozen=True)
 class MeshInfo:
-    """The two process groups of one rank, with its coordinates in each.
+    """The process groups of one rank, with its coordinates in each.
 
     ``tp_group`` is None when there is no tensor parallelism (tp_size 1); ``dp_group`` is None when
-    there is a single replica (dp_size 1).
+    there is a single data-parallel rank (dp_size 1). ``dp_shard_*`` is the DP dim FSDP shards
+    over and ``dp_replicate_*`` the one HSDP replicates over (``dp = dp_replicate × dp_shard``);
+    without HSDP ``dp_shard`` is ``dp`` and there is one replica.
     """
 
     tp_group: dist.ProcessGroup | None = None
@@ -115,26 +174,72 @@ class MeshInfo:
     dp_rank: int = 0
     dp_size: int = 1
     tp_mesh: DeviceMesh | None = None
+    dp_shard_group: dist.ProcessGroup | None = None
+    dp_shard_rank: int | None = None
+    dp_shard_size: int | None = None
+    dp_replicate_group: dist.ProcessGroup | None = None
+    dp_replicate_rank: int = 0
+    dp_replicate_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dp_shard_size is None:  # no HSDP: FSDP (if any) shards over the whole DP group
+            object.__setattr__(self, "dp_shard_group", self.dp_group)
+            object.__setattr__(self, "dp_shard_rank", self.dp_rank)
+            object.__setattr__(self, "dp_shard_size", self.dp_size)
 
     def tp_root(self) -> int:
         """Global rank of TP rank 0 of this rank's TP group (the source of replicated values)."""
         return dist.get_global_rank(self.tp_group, 0) if self.tp_group is not None else 0
 
     def all_reduce_tp(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.tp_group is not None and self.tp_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.tp_group)
-        return tensor
+        return _all_reduce(tensor, self.tp_group, self.tp_size)
 
     def all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.dp_group is not None and self.dp_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group)
-        return tensor
+        return _all_reduce(tensor, self.dp_group, self.dp_size)
+
+    def all_reduce_dp_shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(tensor, self.dp_shard_group, self.dp_shard_size)
+
+    def all_reduce_dp_replicate(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(tensor, self.dp_replicate_group, self.dp_replicate_size)
 
     def broadcast_tp(self, tensor: torch.Tensor) -> torch.Tensor:
         """Overwrite ``tensor`` with TP rank 0's copy, on every rank of the TP group."""
         if self.tp_group is not None and self.tp_size > 1:
             dist.broadcast(tensor, src=self.tp_root(), group=self.tp_group)
         return tensor
+
+
+def _all_reduce(
+    tensor: torch.Tensor, group: dist.ProcessGroup | None, size: int | None
+) -> torch.Tensor:
+    if group is not None and (size or 1) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def _dp_info(device_mesh: DeviceMesh) -> dict:
+    """The DP fields of :class:`MeshInfo` for a mesh with dims ``("dp"|"dp_shard", "tp")`` or
+    ``("dp_replicate", "dp_shard", "tp")``."""
+    names = tuple(device_mesh.mesh_dim_names)
+    if DP_REPLICATE_DIM not in names:
+        dp_mesh = device_mesh[names[0]]
+        return dict(
+            dp_group=dp_mesh.get_group(), dp_rank=dp_mesh.get_local_rank(), dp_size=dp_mesh.size()
+        )
+    dp_mesh = dim_mesh(device_mesh, DP_DIM)
+    shard, replicate = device_mesh[DP_SHARD_DIM], device_mesh[DP_REPLICATE_DIM]
+    return dict(
+        dp_group=dp_mesh.get_group(),
+        dp_rank=dp_mesh.get_local_rank(),
+        dp_size=dp_mesh.size(),
+        dp_shard_group=shard.get_group(),
+        dp_shard_rank=shard.get_local_rank(),
+        dp_shard_size=shard.size(),
+        dp_replicate_group=replicate.get_group(),
+        dp_replicate_rank=replicate.get_local_rank(),
+        dp_replicate_size=replicate.size(),
+    )
 
 
 def _group_ranks(mesh: DeviceMesh) -> list[int]:
@@ -156,7 +261,8 @@ def has_dtensor_parameters(module: nn.Module) -> bool:
 def resolve_mesh(module: nn.Module, device_mesh: DeviceMesh | None, *, tp: bool) -> MeshInfo:
     """Work out the TP and DP groups of this rank.
 
-    - ``device_mesh`` 2-D with dims ``("dp", "tp")``: used as is.
+    - ``device_mesh`` with dims ``("dp", "tp")`` or ``("dp_replicate", "dp_shard", "tp")``
+      (HSDP): used as is.
     - ``device_mesh`` 1-D: a TP mesh; there must be no other ranks (dp_size 1).
     - ``None`` in TP mode: the 1-D mesh of the model's DTensor parameters, which must span every
       rank; with data parallelism as well, pass the 2-D mesh explicitly.
@@ -165,15 +271,11 @@ def resolve_mesh(module: nn.Module, device_mesh: DeviceMesh | None, *, tp: bool)
     initialized = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if initialized else 1
     if not tp:
-        if device_mesh is not None and device_mesh.ndim == 2:
-            dp_mesh = device_mesh[DP_DIM]
+        if device_mesh is not None and device_mesh.ndim >= 2:
+            _check_mesh_dims(device_mesh.mesh_dim_names)
             if device_mesh[TP_DIM].size() != 1:
                 raise ValueError("grad_sample_mode='hooks' cannot run on a mesh with tp size > 1.")
-            return MeshInfo(
-                dp_group=dp_mesh.get_group(),
-                dp_rank=dp_mesh.get_local_rank(),
-                dp_size=dp_mesh.size(),
-            )
+            return MeshInfo(**_dp_info(device_mesh))
         if world > 1:
             return MeshInfo(dp_group=dist.group.WORLD, dp_rank=dist.get_rank(), dp_size=world)
         return MeshInfo()
@@ -196,14 +298,10 @@ def resolve_mesh(module: nn.Module, device_mesh: DeviceMesh | None, *, tp: bool)
                 f"the model's TP mesh spans {device_mesh.size()} of {world} ranks: with data "
                 "parallelism too, pass the 2-D mesh as device_mesh (hf_dp_tp.init_dp_tp_mesh)."
             )
-    if device_mesh.ndim == 2:
-        names = device_mesh.mesh_dim_names
-        if names is None or set(names) != {DP_DIM, TP_DIM}:
-            raise ValueError(f"a 2-D device_mesh must have dims ('dp', 'tp'), got {names}.")
-        tp_mesh, dp_mesh = device_mesh[TP_DIM], device_mesh[DP_DIM]
-        dp_info = dict(
-            dp_group=dp_mesh.get_group(), dp_rank=dp_mesh.get_local_rank(), dp_size=dp_mesh.size()
-        )
+    if device_mesh.ndim >= 2:
+        _check_mesh_dims(device_mesh.mesh_dim_names)
+        tp_mesh = device_mesh[TP_DIM]
+        dp_info = _dp_info(device_mesh)
     elif device_mesh.ndim == 1:
         tp_mesh = device_mesh
         if tp_mesh.size() != world:
@@ -213,7 +311,10 @@ def resolve_mesh(module: nn.Module, device_mesh: DeviceMesh | None, *, tp: bool)
             )
         dp_info = {}
     else:
-        raise ValueError(f"device_mesh must be 1-D (tp) or 2-D (dp, tp), got {device_mesh.ndim}-D.")
+        raise ValueError(
+            f"device_mesh must be 1-D (tp), 2-D (dp, tp) or 3-D (dp_replicate, dp_shard, tp), got "
+            f"{device_mesh.ndim}-D."
+        )
 
     tp_ranks = _group_ranks(tp_mesh)
     for meshes_of_param in _dtensor_meshes(module):
@@ -303,10 +404,16 @@ def full_state_dict(
 
 
 def is_fsdp_mesh(mesh: DeviceMesh) -> bool:
-    """Whether a parameter's mesh includes the data-parallel dim (``"dp"``): the parameter is then
-    sharded by FSDP over DP (``fully_shard(..., mesh=mesh["dp"])``), and over TP too when the mesh
-    is the 2-D ``("dp", "tp")`` one."""
-    return DP_DIM in (mesh.mesh_dim_names or ())
+    """Whether a parameter's mesh includes a data-parallel dim (``"dp"``, ``"dp_shard"``,
+    ``"dp_replicate"``): the parameter is then sharded by FSDP over DP (``fully_shard`` over
+    :func:`fsdp_mesh_of`), replicated over ``"dp_replicate"`` under HSDP, and sharded over TP too
+    when the mesh has a ``"tp"`` dim."""
+    return any(dim in DP_DIMS for dim in (mesh.mesh_dim_names or ()))
+
+
+def dp_dims_of(mesh: DeviceMesh) -> tuple[str, ...]:
+    """The data-parallel dims of a parameter's mesh, in mesh order."""
+    return tuple(dim for dim in (mesh.mesh_dim_names or ()) if dim in DP_DIMS)
 
 
 def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
@@ -324,12 +431,13 @@ def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
     global_shape = tuple(param.shape)
     if is_fsdp_mesh(mesh):
         names = tuple(mesh.mesh_dim_names)
-        if names == (DP_DIM,):
+        others = tuple(dim for dim in names if dim not in DP_DIMS)
+        if others == ():
             return ParamLayout(global_shape, global_shape)
-        if mesh.ndim != 2 or set(names) != {DP_DIM, TP_DIM}:
+        if others != (TP_DIM,):
             raise ValueError(
                 f"{name}: DTensor on a mesh with dims {names}: FSDP parameters must live on the "
-                "('dp', 'tp') mesh or its 'dp' dim."
+                "('dp', 'tp') or ('dp_replicate', 'dp_shard', 'tp') mesh or its DP dims."
             )
         placement = param.placements[names.index(TP_DIM)]
         return _tp_layout(name, placement, global_shape, mesh[TP_DIM], None, param.ndim)
@@ -389,12 +497,13 @@ def _tp_layout(
 
 
 def fully_shard_over_dp(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-    """FSDP2 over the ``"dp"`` dim of the ``("dp", "tp")`` mesh, after TP (as torchtitan does):
-    ``fully_shard`` on every block the model lists in ``_no_split_modules`` (its decoder layers),
-    then on the root. Parameters, gradients and optimizer state are then sharded over DP too."""
+    """FSDP2 over the DP dims of the mesh, after TP (as torchtitan does): ``fully_shard`` on every
+    block the model lists in ``_no_split_modules`` (its decoder layers), then on the root, over
+    :func:`fsdp_mesh_of` (``"dp"``, or HSDP's ``("dp_replicate", "dp_shard")``). Parameters,
+    gradients and optimizer state are then sharded over ``dp_shard`` too."""
     from torch.distributed.fsdp import fully_shard
 
-    dp_mesh = device_mesh[DP_DIM] if device_mesh.ndim == 2 else device_mesh
+    dp_mesh = fsdp_mesh_of(device_mesh)
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in blocks:

@@ -157,6 +157,31 @@ def _without_user_seed(args: DPTrainingArguments) -> Iterator[None]:
         args.dp_seed = seed
 
 
+def _dp_replicate_size(args: DPTrainingArguments) -> int:
+    """HSDP's number of replicas for this launch (1: no HSDP); checks a ``ParallelismConfig``'s
+    sizes against the world size."""
+    world = dist.get_world_size()
+    mesh_size = getattr(args, "dp_mesh_size", None)
+    if mesh_size is not None and mesh_size * args.tp_size != world:
+        raise ValueError(
+            f"parallelism_config covers dp_replicate_size × dp_shard_size × tp_size = "
+            f"{mesh_size * args.tp_size} ranks but the launch has {world}: make the sizes "
+            "multiply to the number of processes."
+        )
+    if not getattr(args, "dp_fully_shard", False):
+        return 1
+    replicate = getattr(args, "dp_replicate_size", 1)
+    if replicate is None:  # fsdp="hybrid_shard": one replica per node
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if local_world % args.tp_size != 0 or world % local_world != 0:
+            raise ValueError(
+                f"fsdp='hybrid_shard' with {local_world} processes per node and tp_size="
+                f"{args.tp_size}: tp_size must divide the processes of a node."
+            )
+        replicate = world // local_world
+    return replicate
+
+
 class DPTrainer(Trainer):
     """A ``Trainer`` that trains with DP-SGD, on a tensor-parallel model when ``tp_size > 1``.
 
@@ -262,7 +287,12 @@ class DPTrainer(Trainer):
         # does not pass it on for CPU runs, and mesh sub-groups never inherit it): a rank that
         # stops responding makes its peers fail after ddp_timeout seconds, with an error.
         set_collective_timeout(args.ddp_timeout_delta)
-        return init_dp_tp_mesh(args.tp_size, device_type, timeout=args.ddp_timeout_delta)
+        return init_dp_tp_mesh(
+            args.tp_size,
+            device_type,
+            timeout=args.ddp_timeout_delta,
+            dp_replicate_size=_dp_replicate_size(args),
+        )
 
     def _parallelize(self, model: nn.Module, args: DPTrainingArguments) -> nn.Module:
         config = getattr(model, "config", None)
@@ -291,7 +321,9 @@ class DPTrainer(Trainer):
             prepare_lora_for_tp(model, self.device_mesh["tp"])
         if getattr(args, "dp_fully_shard", False):
             if self.device_mesh is None:
-                raise ValueError("fsdp='full_shard' needs a distributed launch (torchrun).")
+                raise ValueError(
+                    "FSDP (fsdp=... or parallelism_config) needs a distributed launch."
+                )
             fully_shard_over_dp(model, self.device_mesh)
         return model.train()
 

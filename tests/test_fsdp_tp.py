@@ -15,7 +15,7 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 from hf_dp_tp import GradSampleControllerTP, init_dp_tp_mesh
-from hf_dp_tp.parallel import apply_tp_plan
+from hf_dp_tp.parallel import apply_tp_plan, dim_mesh, fsdp_mesh_of
 from tests import models
 from tests.distributed_harness import run_distributed
 
@@ -42,10 +42,11 @@ def _shard(model, dp_mesh) -> None:
     fully_shard(model, mesh=dp_mesh)
 
 
-def _run(name: str, tmp: str, tp_size: int, mode: str) -> dict[str, float]:
+def _run(name: str, tmp: str, tp_size: int, mode: str, dp_replicate: int = 1) -> dict[str, float]:
     """``mode``: a ``grad_sample_mode``; ``"<mode>+accumulation"`` runs the DP share as two
     micro-batches (``clip_and_accumulate`` after the first); ``"<mode>+scatter"`` reduce-scatters
-    every FSDP sum (by default only large ones are; small ones are all-reduced and cut)."""
+    every FSDP sum (by default only large ones are; small ones are all-reduced and cut).
+    ``dp_replicate`` > 1: HSDP (FSDP over ``dp_shard``, replicas over ``dp_replicate``)."""
     from unittest import mock
 
     from hf_dp_tp import optimizer as optimizer_module
@@ -53,12 +54,17 @@ def _run(name: str, tmp: str, tp_size: int, mode: str) -> dict[str, float]:
     mode, _, variant = mode.partition("+")
     threshold = 0 if variant == "scatter" else optimizer_module._REDUCE_SCATTER_MIN_NUMEL
     with mock.patch.object(optimizer_module, "_REDUCE_SCATTER_MIN_NUMEL", threshold):
-        return _run_variant(name, tmp, tp_size, mode, accumulation=variant == "accumulation")
+        return _run_variant(
+            name, tmp, tp_size, mode, accumulation=variant == "accumulation", replicas=dp_replicate
+        )
 
 
-def _run_variant(name: str, tmp: str, tp_size: int, mode: str, accumulation: bool) -> dict:
-    mesh = init_dp_tp_mesh(tp_size)
-    dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+def _run_variant(
+    name: str, tmp: str, tp_size: int, mode: str, accumulation: bool, replicas: int
+) -> dict:
+    mesh = init_dp_tp_mesh(tp_size, dp_replicate_size=replicas)
+    dp_mesh = dim_mesh(mesh, "dp")
+    dp_rank, dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
     model, plan, batch, loss_fn = _case(name, tmp)
     model.double()
     batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
@@ -70,7 +76,7 @@ def _run_variant(name: str, tmp: str, tp_size: int, mode: str, accumulation: boo
 
     if tp_size > 1:
         apply_tp_plan(model, mesh["tp"], plan)
-    _shard(model, mesh["dp"])
+    _shard(model, fsdp_mesh_of(mesh))
     controller = GradSampleControllerTP(model, device_mesh=mesh, grad_sample_mode=mode)
     optimizer = models.unit_sgd_dp_optimizer(
         model, controller.mesh, clip=clip, expected_batch=BATCH
@@ -90,6 +96,8 @@ def _run_variant(name: str, tmp: str, tp_size: int, mode: str, accumulation: boo
     # the first-step self-check ran on FSDP's unsharded weights (autograd reaches those)
     checked = controller._self_checked  # noqa: SLF001 (test of the mechanism)
     all_checked = all(id(p) in checked for p in controller.trainable_parameters())
+    # FSDP never reduce-scatters the raw (non-private) gradients: nothing reached the shards
+    reduced_by_fsdp = [n for n, p in model.named_parameters() if p.grad is not None]
     optimizer.step()
     after = models.full_params(model)
     ref_norms = norms[rows]
@@ -100,12 +108,27 @@ def _run_variant(name: str, tmp: str, tp_size: int, mode: str, accumulation: boo
         err = (applied - ref_update).abs().max() / ref_update.abs().max().clamp_min(1e-12)
         update_err = max(update_err, err.item())
     controller.cleanup()
-    return {"norm_err": norm_err, "update_err": update_err, "self_checked": all_checked}
+    return {
+        "norm_err": norm_err,
+        "update_err": update_err,
+        "self_checked": all_checked,
+        "reduced_by_fsdp": reduced_by_fsdp,
+    }
 
 
-def _worker(rank: int, world: int, cases: list[str], tmp: str, tp_size: int) -> dict:
-    modes = ("tp", "ghost", "ghost+accumulation", "ghost+scatter", "tp+scatter")
-    return {f"{c} [{m}]": _run(c, tmp, tp_size, m) for c in cases for m in modes}
+ALL_MODES = ("tp", "ghost", "ghost+accumulation", "ghost+scatter", "tp+scatter")
+
+
+def _worker(
+    rank: int,
+    world: int,
+    cases: list[str],
+    tmp: str,
+    tp_size: int,
+    dp_replicate: int = 1,
+    modes: tuple[str, ...] = ALL_MODES,
+) -> dict:
+    return {f"{c} [{m}]": _run(c, tmp, tp_size, m, dp_replicate) for c in cases for m in modes}
 
 
 CASES = ["toy_mlp", "llama_hf_plan", "llama_tied_hf_plan"]
@@ -125,6 +148,7 @@ def _check(results: list[dict]) -> None:
             print(f"rank={rank} {case}: {r}")
             assert r["norm_err"] < TOLERANCE and r["update_err"] < TOLERANCE, (case, r)
             assert r["self_checked"], case
+            assert r["reduced_by_fsdp"] == [], (case, r["reduced_by_fsdp"])
 
 
 def test_fsdp2_only_dp2_matches_single_process_dp_sgd(llama_dir):
@@ -133,6 +157,21 @@ def test_fsdp2_only_dp2_matches_single_process_dp_sgd(llama_dir):
 
 def test_fsdp2_dp2_tp2_matches_single_process_dp_sgd(llama_dir):
     _check(run_distributed(_worker, 4, CASES, llama_dir, 2))
+
+
+HSDP_MODES = ("tp", "ghost+accumulation", "ghost+scatter")
+
+
+def test_hsdp_replicate2_shard2_matches_single_process_dp_sgd(llama_dir):
+    """HSDP: 2 replicas × FSDP over 2 ranks each (``("dp_replicate", "dp_shard", "tp")`` mesh,
+    tp 1): sums reduce-scattered over dp_shard, then summed over the replicas."""
+    _check(run_distributed(_worker, 4, CASES, llama_dir, 1, 2, HSDP_MODES))
+
+
+@pytest.mark.slow
+def test_hsdp_replicate2_shard2_tp2_matches_single_process_dp_sgd(llama_dir):
+    """HSDP × TP on 8 ranks: 2 replicas × FSDP over 2 × TP over 2."""
+    _check(run_distributed(_worker, 8, ["llama_tied_hf_plan"], llama_dir, 2, 2, ("ghost+scatter",)))
 
 
 # --------------------------------------------------------------------------- noise under FSDP
@@ -254,6 +293,94 @@ def test_fsdp2_noise_is_added_once_per_element_by_shard_owners():
             other = by_coord[(1, tp)]["owners_share_a_stream"][name]["local"]
             if shared.numel() == other.numel() and shared.numel() > 1:
                 assert _corr(shared, other)[0] > 0.99, name
+
+
+def _hsdp_noise_run(mesh, mutation: str | None, secure: bool) -> dict:
+    """One noisy step on zero per-sample gradients under HSDP (tp 1). ``"every_replica_noises"``
+    breaks rule 6: the owners of every replica, not only the first, add their noise."""
+    from unittest import mock
+
+    from hf_dp_tp import DPOptimizerTP
+    from tests.test_noise import WideMLP
+
+    torch.manual_seed(0)
+    model = WideMLP()
+    _shard(model, fsdp_mesh_of(mesh))
+    controller = GradSampleControllerTP(
+        model, device_mesh=mesh, loss_reduction="sum", grad_sample_mode="ghost"
+    )
+    optimizer = DPOptimizerTP(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=SIGMA,
+        max_grad_norm=CLIP,
+        expected_batch_size=4,
+        mesh=controller.mesh,
+        loss_reduction="sum",
+        secure_mode=secure,
+    )
+
+    def every_replica_noises(self, shards, layouts):
+        self._add_noise_to(shards, layouts, dp_rank=self.mesh.dp_shard_rank)
+
+    patch = (
+        mock.patch.object(DPOptimizerTP, "add_shard_noise", every_replica_noises)
+        if mutation == "every_replica_noises"
+        else mock.patch.object(DPOptimizerTP, "add_shard_noise", DPOptimizerTP.add_shard_noise)
+    )
+    x = torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(7))
+    (model(x) * 0.0).sum().backward()
+    with patch:
+        optimizer.step()
+    out = {
+        name: {
+            "full": p.grad.full_tensor().detach().clone(),
+            "local": p.grad.to_local().detach().clone(),
+        }
+        for name, p in model.named_parameters()
+    }
+    controller.cleanup()
+    return out
+
+
+def _hsdp_noise_worker(rank: int, world: int) -> dict:
+    mesh = init_dp_tp_mesh(1, dp_replicate_size=2)
+    runs = {
+        "None": (None, False),
+        "secure": (None, True),
+        "mutant": ("every_replica_noises", False),
+    }
+    return {
+        "coord": (mesh["dp_replicate"].get_local_rank(), mesh["dp_shard"].get_local_rank()),
+        **{key: _hsdp_noise_run(mesh, *how) for key, how in runs.items()},
+    }
+
+
+def test_hsdp_noise_is_added_once_per_element_by_the_first_replica():
+    """HSDP (2 replicas × FSDP over 2): std σC per element of the full gradient, the replicas'
+    shards identical (also in secure mode, where every rank holds fresh keys), the two owners of
+    a replica independent; noise from every replica's owners (same streams, summed) fails."""
+    import math
+
+    results = run_distributed(_hsdp_noise_worker, 4)
+    by_coord = {r["coord"]: r for r in results}
+    ref = by_coord[(0, 0)]
+    for key in ("None", "secure"):
+        for name, entry in ref[key].items():
+            full = entry["full"].double()
+            n, std = full.numel(), full.std().item()
+            rel_se = 1 / math.sqrt(2 * n)
+            print(f"{key} {name}: std {std:.4f} (target {SIGMA * CLIP})")
+            assert abs(std / (SIGMA * CLIP) - 1) < 6 * rel_se, (key, name, std, n)
+            for shard in (0, 1):  # replicas hold the same shard of the same gradient
+                a, b = (by_coord[(r, shard)][key][name]["local"] for r in (0, 1))
+                assert torch.equal(a, b), (key, name)
+            corr, m = _corr(*(by_coord[(0, s)][key][name]["local"] for s in (0, 1)))
+            assert abs(corr) < 6 / math.sqrt(m), (key, name, corr)
+    for name, entry in ref["mutant"].items():
+        n, std = entry["full"].numel(), entry["full"].double().std().item()
+        print(f"mutant {name}: std {std:.4f}")
+        if n >= 1024:
+            assert abs(std / (SIGMA * CLIP) - 1) > 6 / math.sqrt(2 * n), (name, std)
 
 
 @pytest.mark.slow

@@ -74,6 +74,12 @@ def _train_worker(rank: int, world: int, model_dir: str, out: str, overrides: di
     from hf_dp_tp import DPTrainer
 
     overrides = dict(overrides)
+    if "local_world_size" in overrides:  # processes per "node" (fsdp="hybrid_shard")
+        os.environ["LOCAL_WORLD_SIZE"] = str(overrides.pop("local_world_size"))
+    if isinstance(overrides.get("parallelism_config"), dict):
+        from accelerate import ParallelismConfig
+
+        overrides["parallelism_config"] = ParallelismConfig(**overrides["parallelism_config"])
     if overrides.pop("load_with_tp_plan", False):
         # transformers' own TP loading (each rank reads its shards); DPTrainer takes it as is
         from transformers.distributed import DistributedConfig
@@ -89,10 +95,12 @@ def _train_worker(rank: int, world: int, model_dir: str, out: str, overrides: di
         trainer = DPTrainer(model=model, args=args, train_dataset=_dataset())
         trainer.train()
     trainer.save_model()
+    mesh = trainer.device_mesh
     return {
         "log_history": trainer.state.log_history,
         "epsilon": trainer.get_epsilon(),
         "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+        "mesh": None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True)),
     }
 
 
@@ -180,6 +188,27 @@ def _assert_saved_equals_reference(model_dir: str, out: str, expected: dict) -> 
             id="fsdp2_only_tp",
         ),
         pytest.param(
+            4,
+            {
+                "parallelism_config": {"dp_replicate_size": 2, "dp_shard_size": 2, "tp_size": 1},
+                "tp_size": 1,
+                "grad_sample_mode": "ghost",
+                "per_device_train_batch_size": 1,
+                "gradient_accumulation_steps": 2,
+            },
+            id="hsdp2x2_parallelism_config_ghost_ga2",
+        ),
+        pytest.param(
+            8,
+            {
+                "fsdp": "hybrid_shard auto_wrap",
+                "local_world_size": 4,
+                "per_device_train_batch_size": 2,
+            },
+            id="hsdp2x2_hybrid_shard_tp2",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
             2,
             {
                 "gradient_checkpointing": True,
@@ -217,6 +246,14 @@ def _one_step_equivalence(llama_dir, tmp_path, world, overrides):
     )
     assert results[0]["log_history"][0]["epsilon"] == math.inf
     assert results[0]["checkpointing"] == bool(overrides.get("gradient_checkpointing"))
+    if "parallelism_config" in overrides or "hybrid_shard" in str(overrides.get("fsdp")):
+        tp = overrides.get("tp_size", 2)
+        replicas = 2
+        assert results[0]["mesh"] == {
+            "dp_replicate": replicas,
+            "dp_shard": world // (replicas * tp),
+            "tp": tp,
+        }, results[0]["mesh"]
     err = _assert_saved_equals_reference(llama_dir, out, expected)
     print(f"world={world} {overrides}: saved checkpoint vs reference, relative error {err:.3g}")
     assert err < 1e-9

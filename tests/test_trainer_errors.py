@@ -32,14 +32,20 @@ def test_privacy_arguments_are_validated():
         DPTrainingArguments(**base, noise_multiplier=1.0, grad_sample_mode="functorch")
     with pytest.raises(ValueError, match="needs grad_sample_mode='tp'"):
         DPTrainingArguments(**base, noise_multiplier=1.0, tp_size=2, grad_sample_mode="hooks")
-    with pytest.raises(ValueError, match="fsdp='full_shard' only"):
+    with pytest.raises(ValueError, match="supports fsdp='full_shard'.*'hybrid_shard'"):
         DPTrainingArguments(**base, noise_multiplier=1.0, fsdp="full_shard offload")
+    with pytest.raises(ValueError, match="supports fsdp='full_shard'"):
+        DPTrainingArguments(**base, noise_multiplier=1.0, fsdp="shard_grad_op")
     with pytest.raises(ValueError, match="use grad_sample_mode='tp' or 'ghost', not 'hooks'"):
         DPTrainingArguments(
             **base, noise_multiplier=1.0, fsdp="full_shard", grad_sample_mode="hooks"
         )
     fsdp = DPTrainingArguments(**base, noise_multiplier=1.0, fsdp="full_shard")
     assert fsdp.dp_fully_shard and not fsdp.fsdp  # DPTrainer's FSDP2, not accelerate's plugin
+    assert fsdp.dp_replicate_size == 1
+    hybrid = DPTrainingArguments(**base, noise_multiplier=1.0, fsdp="hybrid_shard auto_wrap")
+    assert hybrid.dp_fully_shard and hybrid.dp_replicate_size is None  # one replica per node
+
     with pytest.raises(ValueError, match="poisson_sampling=False is not supported"):
         DPTrainingArguments(**base, noise_multiplier=1.0, poisson_sampling=False)
     with pytest.raises(ValueError, match="target_delta must be in"):
@@ -51,6 +57,39 @@ def test_privacy_arguments_are_validated():
     with pytest.warns(UserWarning, match="max_grad_norm=1.0 is ignored"):
         args = DPTrainingArguments(**base, noise_multiplier=1.0, max_grad_norm=1.0)
     assert args.max_grad_norm == 0.0 and not args.average_tokens_across_devices
+
+
+def test_parallelism_config_sets_the_mesh_or_is_refused():
+    from accelerate import ParallelismConfig
+
+    from hf_dp_tp import DPTrainingArguments
+
+    base = dict(output_dir="/tmp/unused", report_to=[], noise_multiplier=1.0)
+    config = ParallelismConfig(dp_replicate_size=2, dp_shard_size=2, tp_size=2)
+    args = DPTrainingArguments(**base, parallelism_config=config)
+    assert (args.tp_size, args.dp_fully_shard, args.dp_replicate_size, args.dp_mesh_size) == (
+        2,
+        True,
+        2,
+        4,
+    )
+    assert args.parallelism_config is None  # accelerate never sees it
+    replicated = DPTrainingArguments(
+        **base, parallelism_config=ParallelismConfig(dp_replicate_size=2, tp_size=2)
+    )
+    assert not replicated.dp_fully_shard and replicated.dp_mesh_size == 2
+    with pytest.raises(ValueError, match="context / sequence parallelism is not supported"):
+        DPTrainingArguments(**base, parallelism_config=ParallelismConfig(cp_size=2))
+    with pytest.raises(ValueError, match="give the TP degree once"):
+        DPTrainingArguments(**base, tp_size=4, parallelism_config=config)
+    with pytest.raises(ValueError, match="not both"):
+        DPTrainingArguments(**base, fsdp="full_shard", parallelism_config=config)
+    with pytest.raises(ValueError, match="not 'hooks'"):
+        DPTrainingArguments(
+            **base,
+            grad_sample_mode="hooks",
+            parallelism_config=ParallelismConfig(dp_shard_size=2),
+        )
 
 
 @pytest.mark.parametrize(
