@@ -462,7 +462,10 @@ class GradSampleControllerTP:
         # A gradient that vanishes in exact arithmetic (a key bias: softmax ignores a shift shared
         # by all keys) is rounding dust on both sides: compare against at least sqrt(eps).
         floor = torch.finfo(acc).eps ** 0.5
-        scale = torch.maximum(grad.norm(), reduced.norm()).clamp_min(floor)
+        largest = torch.maximum(grad.norm(), reduced.norm())
+        if largest.item() == 0:
+            return  # nothing to compare (e.g. a discarded stand-in pass): check a later one
+        scale = largest.clamp_min(floor)
         error = ((grad - reduced).norm() / scale).item()
         # the coarsest precision involved sets the tolerance: bf16 parameters get bf16 autograd
         # gradients even when their per-sample gradients are kept in fp32

@@ -190,6 +190,8 @@ class DPOptimizerTP(Optimizer):
         self.last_clip_factors: torch.Tensor | None = None
         self.step_hooks: list[Callable[[DPOptimizerTP], None]] = []
         self._clipped_sums: dict[int, torch.Tensor] = {}
+        self._scattered_sums: dict[int, torch.Tensor] = {}  # FSDP shards, streamed
+        self._late_sums: dict[int, torch.Tensor | None] = {}  # of the step being taken
         self._step_params: list[torch.nn.Parameter] = []
         self._layouts: dict[int, ParamLayout] = {}
         self._skip_next_step = False
@@ -248,13 +250,22 @@ class DPOptimizerTP(Optimizer):
             if hasattr(p, "grad_sample"):
                 p.grad_sample = None
         self._clipped_sums.clear()
+        self._scattered_sums.clear()
         self.accumulated_micro_batches = 0
 
     # ------------------------------------------------------------------ DP-SGD stages
-    def clip_and_accumulate(self) -> None:
+    def clip_and_accumulate(self, *, scatter: bool = False) -> None:
         """Stage 1, after each micro-batch's backward (contract rules 3-5, docs/usage.md): the
         per-sample norms of the last micro-batch(es) (rule 3), their clip factors (rule 4), and
-        the clipped per-sample gradients added to the running sums (rule 5)."""
+        the clipped per-sample gradients added to the running sums (rule 5).
+
+        ``scatter=True`` (FSDP): the clipped sums of large FSDP parameters (at least
+        ``_REDUCE_SCATTER_MIN_NUMEL`` elements) are reduce-scattered over ``dp_shard`` at once,
+        one parameter at a time, and only this rank's shard is kept: the gradient memory held
+        between micro-batches falls to ≈ 1/dp_shard. It is a collective: every rank of the DP
+        group must call it after each of its micro-batches, the same number of times, an empty
+        micro-batch included (it then contributes zeros). Noise is still added once per step,
+        by each shard's owner (:meth:`reduce`)."""
         samples = [
             (p, p.grad_sample) for p in self.params() if getattr(p, "grad_sample", None) is not None
         ]
@@ -266,13 +277,15 @@ class DPOptimizerTP(Optimizer):
                     "without the grad-sample hooks (is the model in train() mode, and was the "
                     "controller attached before the forward pass?). Refusing to step."
                 )
+            if scatter:
+                self.accumulate_clipped([], torch.ones(0), scatter=True)  # zeros, in lockstep
             return
         norms = reduce_squared_norms(
             [(squared_norms_of(g), self.layout_of(p).sharded) for p, g in samples], self.mesh
         )
         factors = self.clip_factors(norms)
         self.last_per_sample_norms, self.last_clip_factors = norms, factors
-        self.accumulate_clipped(samples, factors)
+        self.accumulate_clipped(samples, factors, scatter=scatter)
         self.accumulated_micro_batches += 1
 
     def clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
@@ -281,33 +294,74 @@ class DPOptimizerTP(Optimizer):
         return (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
 
     def accumulate_clipped(
-        self, samples: list[tuple[torch.nn.Parameter, GradSample]], factors: torch.Tensor
+        self,
+        samples: list[tuple[torch.nn.Parameter, GradSample]],
+        factors: torch.Tensor,
+        *,
+        scatter: bool = False,
     ) -> None:
         """Contract rule 5 (docs/usage.md): add ``Σ_i c_i g_{p,i}`` (in at least fp32) to each
         parameter's running clipped sum and consume its ``grad_sample`` (materialised, or
-        factored: then the sum is one contraction of its factors, :mod:`hf_dp_tp.ghost`)."""
-        for p, grad_sample in samples:
-            clipped = clipped_sum_of(grad_sample, factors).reshape(self.layout_of(p).local_shape)
-            key = id(p)
-            if key in self._clipped_sums:
-                self._clipped_sums[key].add_(clipped)
+        factored: then the sum is one contraction of its factors, :mod:`hf_dp_tp.ghost`).
+        ``scatter``: large FSDP parameters' sums (zeros for those this rank's samples did not
+        reach) are reduce-scattered over ``dp_shard`` one by one, in parameter order, and added
+        to this rank's shard (:meth:`clip_and_accumulate`)."""
+        by_param = {id(p): g for p, g in samples}
+        for p in self.params():
+            grad_sample = by_param.pop(id(p), None)
+            streamed = scatter and self._streamed(p)
+            if grad_sample is None and not streamed:
+                continue
+            shape = self.layout_of(p).local_shape
+            if grad_sample is None:
+                clipped = self._zero_sum(p)
             else:
-                self._clipped_sums[key] = clipped
-            p.grad_sample = None
+                clipped = clipped_sum_of(grad_sample, factors).reshape(shape)
+                p.grad_sample = None
+            if streamed:
+                self._add_to(self._scattered_sums, p, _shard_over_dp(clipped, p, reduce=True))
+            else:
+                self._add_to(self._clipped_sums, p, clipped)
+            del clipped
+
+    @staticmethod
+    def _add_to(sums: dict[int, torch.Tensor], param: torch.Tensor, value: torch.Tensor) -> None:
+        key = id(param)
+        if key in sums:
+            sums[key].add_(value)
+        else:
+            sums[key] = value
+
+    def _streamed(self, param: torch.Tensor) -> bool:
+        """Whether ``clip_and_accumulate(scatter=True)`` reduce-scatters this parameter's sum
+        per micro-batch: FSDP-sharded and at least ``_REDUCE_SCATTER_MIN_NUMEL`` elements."""
+        if not (isinstance(param, DTensor) and is_fsdp_mesh(param.device_mesh)):
+            return False
+        return math.prod(self.layout_of(param).local_shape) >= _REDUCE_SCATTER_MIN_NUMEL
+
+    def _zero_sum(self, param: torch.Tensor) -> torch.Tensor:
+        """A zero clipped sum (TP-local, unsharded shape, at least fp32)."""
+        local = param.to_local() if isinstance(param, DTensor) else param
+        shape = self.layout_of(param).local_shape
+        return torch.zeros(shape, dtype=accumulation_dtype(local), device=local.device)
 
     def take_clipped_sums(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         """This rank's clipped sum of each parameter (local shard), emptied from the running sums;
         zeros (in at least fp32) for a parameter that no sample reached, so that every rank takes
-        part in every collective with the same tensors."""
+        part in every collective with the same tensors. A parameter whose sums were streamed
+        (``clip_and_accumulate(scatter=True)``) gives its FSDP shard, already summed over
+        ``dp_shard``; a sum accumulated after that without ``scatter`` is kept apart and added by
+        :meth:`reduce`."""
         sums: list[torch.Tensor] = []
+        self._late_sums = {}
         for p in params:
             total = self._clipped_sums.pop(id(p), None)
-            if total is None:
-                local = p.to_local() if isinstance(p, DTensor) else p
-                dtype = accumulation_dtype(local)
-                shape = self.layout_of(p).local_shape  # TP-local (unsharded by FSDP)
-                total = torch.zeros(shape, dtype=dtype, device=local.device)
-            sums.append(total)
+            shard = self._scattered_sums.pop(id(p), None)
+            if shard is not None:
+                self._late_sums[id(p)] = total
+                sums.append(shard)
+                continue
+            sums.append(total if total is not None else self._zero_sum(p))
         return sums
 
     def add_noise(self, sums: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
@@ -381,9 +435,10 @@ class DPOptimizerTP(Optimizer):
         the TP broadcast."""
         fsdp = self._fsdp_indices(len(sums))
         params = self._step_params
-        scattered = {i for i in fsdp if sums[i].numel() >= _REDUCE_SCATTER_MIN_NUMEL}
+        streamed = {i for i in fsdp if id(params[i]) in self._late_sums}
+        scattered = {i for i in fsdp - streamed if sums[i].numel() >= _REDUCE_SCATTER_MIN_NUMEL}
         replicated_over_dp = [t for i, t in enumerate(sums) if i not in fsdp]
-        small_fsdp = [t for i, t in enumerate(sums) if i in fsdp and i not in scattered]
+        small_fsdp = [t for i, t in enumerate(sums) if i in fsdp - streamed - scattered]
         if self.mesh.dp_replicate_size == 1:  # dp_shard is the whole DP group: one collective
             _flat_collective(replicated_over_dp + small_fsdp, self.mesh.all_reduce_dp)
         else:
@@ -391,11 +446,32 @@ class DPOptimizerTP(Optimizer):
             _flat_collective(small_fsdp, self.mesh.all_reduce_dp_shard)
         order = sorted(fsdp)
         for i in order:
-            sums[i] = _shard_over_dp(sums[i], params[i], reduce=i in scattered)
+            if i not in streamed:
+                sums[i] = _shard_over_dp(sums[i], params[i], reduce=i in scattered)
+        self._add_late_sums(sums, [(i, params[i]) for i in sorted(streamed)])
         self.add_shard_noise([sums[i] for i in order], [layouts[i] for i in order])
         _flat_collective([sums[i] for i in order], self.mesh.all_reduce_dp_replicate)
         replicated = [t for t, lay in zip(sums, layouts, strict=True) if not lay.sharded]
         _flat_collective(replicated, self.mesh.broadcast_tp)
+
+    def _add_late_sums(
+        self, sums: list[torch.Tensor], streamed: list[tuple[int, torch.nn.Parameter]]
+    ) -> None:
+        """Add to the streamed shards ``sums[i]`` the sums accumulated after the last streamed
+        micro-batch without ``scatter`` on any rank (one scalar all-reduce decides, so that every
+        rank takes part in the same reduce-scatters)."""
+        if not streamed:
+            return
+        late = [self._late_sums.get(id(p)) for _, p in streamed]
+        flag = torch.tensor(
+            [float(any(t is not None for t in late))], device=sums[streamed[0][0]].device
+        )
+        self.mesh.all_reduce_dp(flag)
+        if flag.item() == 0:
+            return
+        for (i, p), total in zip(streamed, late, strict=True):
+            total = total if total is not None else self._zero_sum(p)
+            sums[i].add_(_shard_over_dp(total, p, reduce=True))
 
     def scale(self, sums: list[torch.Tensor]) -> None:
         """Contract rule 8 (docs/usage.md), in place: divide by B̄, the expected *global* logical
@@ -423,6 +499,7 @@ class DPOptimizerTP(Optimizer):
             self.reduce(sums, layouts)
         finally:
             self._step_params = []
+            self._late_sums = {}
         self.scale(sums)
         self.write_grads(params, sums)
         self.steps_taken += 1

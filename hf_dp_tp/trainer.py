@@ -269,6 +269,7 @@ class DPTrainer(Trainer):
         self._dp_optimizer: DPOptimizerTP | None = None
         self._ledger_to_restore: dict[str, Any] | None = None
         self._batch_sampler: DistributedPoissonBatchSampler | None = None
+        self._train_collate = None  # the training loader's collate (stand-in batches, FSDP)
         self._flops_per_micro_batch: float | None = None
         self.add_callback(_PrivacyCallback(self))
 
@@ -483,11 +484,10 @@ class DPTrainer(Trainer):
             secure_key=self.secure_key,
         )
         self._batch_sampler = sampler
+        collate = collate_with_empty(collator, dataset)
+        self._train_collate = collate
         return PoissonDataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=collate_with_empty(collator, dataset),
-            **self._loader_kwargs(),
+            dataset, batch_sampler=sampler, collate_fn=collate, **self._loader_kwargs()
         )
 
     def _plain_loader(self, dataset: Dataset, description: str) -> DataLoader:
@@ -575,21 +575,41 @@ class DPTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None, *args, **kwargs
     ) -> torch.Tensor:
         """Forward/backward of one micro-batch with ``mean_i ℓ_i`` of per-sample losses (never a
-        cross-sample token count: ``num_items_in_batch`` is ignored), then clip and accumulate.
-        An empty Poisson micro-batch skips forward/backward on every TP peer at once."""
+        cross-sample token count: ``num_items_in_batch`` is ignored), then clip and accumulate
+        (under FSDP, large clipped sums reduce-scattered at once). An empty Poisson micro-batch
+        skips forward/backward on every TP peer at once."""
         model.train()
         inputs = self._prepare_inputs(inputs)
         self._check_same_batch_on_tp_peers(inputs)
+        # FSDP: the clipped sums are reduce-scattered per micro-batch (held at 1/dp_shard), a
+        # collective every DP rank joins after each micro-batch, empty ones included
+        stream = bool(getattr(self.args, "dp_fully_shard", False))
         if _batch_size(inputs) == 0:
             loss = torch.zeros((), device=self.args.device)
+            if stream:
+                self._run_discarded_stand_in(model)
+                self._dp_optimizer.clip_and_accumulate(scatter=True)
         else:
             with self.compute_loss_context_manager():
                 losses, _ = self.per_sample_loss(model, inputs)
             self.grad_sample_controller.check_batch_size(losses.shape[0])
             loss = losses.mean()
             self.accelerator.backward(loss)
-            self._dp_optimizer.clip_and_accumulate()
+            self._dp_optimizer.clip_and_accumulate(scatter=stream)
         return loss.detach() / self.current_gradient_accumulation_steps
+
+    def _run_discarded_stand_in(self, model: nn.Module) -> None:
+        """Under FSDP every DP rank must run each micro-batch's forward and backward (FSDP's
+        all-gathers are collectives of the DP group), an empty Poisson micro-batch included: run
+        them on a stand-in (the training set's first record, collated) and discard everything —
+        the loss is multiplied by 0, the per-sample gradients are dropped before clipping and the
+        raw gradients are dropped by the controller, so nothing of it reaches the update."""
+        collate = self._train_collate
+        stand_in = self._prepare_inputs(collate.collate_fn([collate.dataset[0]]))
+        with self.compute_loss_context_manager():
+            losses, _ = self.per_sample_loss(model, stand_in)
+        self.accelerator.backward(losses.sum() * 0.0)
+        self.grad_sample_controller.zero_grad_sample()
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> float:
         """FLOPs of the *expected* micro-batch (``per_device_train_batch_size`` samples at the

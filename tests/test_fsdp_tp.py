@@ -9,6 +9,7 @@ over DP and each rank keeps its FSDP shard of the gradient.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -52,16 +53,25 @@ def _run(name: str, tmp: str, tp_size: int, mode: str, dp_replicate: int = 1) ->
     from hf_dp_tp import optimizer as optimizer_module
 
     mode, _, variant = mode.partition("+")
-    threshold = 0 if variant == "scatter" else optimizer_module._REDUCE_SCATTER_MIN_NUMEL
+    small = variant in ("scatter", "stream", "stream_late")  # every FSDP sum counts as large
+    threshold = 0 if small else optimizer_module._REDUCE_SCATTER_MIN_NUMEL
     with mock.patch.object(optimizer_module, "_REDUCE_SCATTER_MIN_NUMEL", threshold):
-        return _run_variant(
-            name, tmp, tp_size, mode, accumulation=variant == "accumulation", replicas=dp_replicate
-        )
+        return _run_variant(name, tmp, tp_size, mode, variant, replicas=dp_replicate)
 
 
-def _run_variant(
-    name: str, tmp: str, tp_size: int, mode: str, accumulation: bool, replicas: int
-) -> dict:
+def _micro_batches(share: dict, dp_rank: int) -> list[dict]:
+    """This rank's share as three micro-batches, one of them empty (at a rank-dependent place):
+    the ranks' lockstep calls of ``clip_and_accumulate(scatter=True)`` must hold anyway."""
+    rows = len(next(iter(share.values())))
+    cut = rows // 2
+    parts = [{k: v[:cut] for k, v in share.items()}, {k: v[cut:] for k, v in share.items()}]
+    parts.insert(dp_rank % 3, {k: v[:0] for k, v in share.items()})
+    return parts
+
+
+def _run_variant(name: str, tmp: str, tp_size: int, mode: str, variant: str, replicas: int) -> dict:
+    """``variant`` "stream": three micro-batches with ``clip_and_accumulate(scatter=True)``;
+    "stream_late": the last one left to ``step()`` (accumulated unscattered, added late)."""
     mesh = init_dp_tp_mesh(tp_size, dp_replicate_size=replicas)
     dp_mesh = dim_mesh(mesh, "dp")
     dp_rank, dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
@@ -83,7 +93,31 @@ def _run_variant(
     )
     rows = slice(dp_rank, None, dp_size)
     share = {k: v[rows] for k, v in batch.items()}
-    if accumulation:
+    held_fraction = None
+    if variant in ("stream", "stream_late"):
+        got = []
+        parts = _micro_batches(share, dp_rank)
+        for i, part in enumerate(parts):
+            empty = len(next(iter(part.values()))) == 0
+            if not empty:
+                loss_fn(model, part).mean().backward()
+                got.append(controller.get_per_sample_norms())
+            else:  # FSDP's all-gathers need every rank: a discarded stand-in pass
+                (loss_fn(model, {k: v[:1] for k, v in batch.items()}) * 0.0).sum().backward()
+                controller.zero_grad_sample()
+            if variant == "stream_late" and i == len(parts) - 1:
+                break  # step() clips it without scatter
+            optimizer.clip_and_accumulate(scatter=True)
+            held = sum(t.numel() for t in optimizer._clipped_sums.values())  # noqa: SLF001
+            held += sum(t.numel() for t in optimizer._scattered_sums.values())  # noqa: SLF001
+            local = sum(
+                math.prod(controller.layout_of(p).local_shape)
+                for p in controller.trainable_parameters()
+            )
+            shards = sum(p.to_local().numel() for p in controller.trainable_parameters())
+            held_fraction = (held / local, shards / local)  # held, and FSDP's own shards
+        got_norms = torch.cat(got)
+    elif variant == "accumulation":
         half = len(next(iter(share.values()))) // 2
         loss_fn(model, {k: v[:half] for k, v in share.items()}).mean().backward()
         first = controller.get_per_sample_norms()
@@ -113,10 +147,20 @@ def _run_variant(
         "update_err": update_err,
         "self_checked": all_checked,
         "reduced_by_fsdp": reduced_by_fsdp,
+        "held_fraction": held_fraction,
+        "dp_shard": mesh["dp_shard" if replicas > 1 else "dp"].size(),
     }
 
 
-ALL_MODES = ("tp", "ghost", "ghost+accumulation", "ghost+scatter", "tp+scatter")
+ALL_MODES = (
+    "tp",
+    "ghost",
+    "ghost+accumulation",
+    "ghost+scatter",
+    "tp+scatter",
+    "ghost+stream",
+    "tp+stream_late",
+)
 
 
 def _worker(
@@ -149,6 +193,9 @@ def _check(results: list[dict]) -> None:
             assert r["norm_err"] < TOLERANCE and r["update_err"] < TOLERANCE, (case, r)
             assert r["self_checked"], case
             assert r["reduced_by_fsdp"] == [], (case, r["reduced_by_fsdp"])
+            if r["held_fraction"] is not None:  # streamed: only this rank's shards are held
+                held, shards = r["held_fraction"]
+                assert held == shards and shards <= 1 / r["dp_shard"] + 0.05, (case, r)
 
 
 def test_fsdp2_only_dp2_matches_single_process_dp_sgd(llama_dir):
@@ -159,7 +206,7 @@ def test_fsdp2_dp2_tp2_matches_single_process_dp_sgd(llama_dir):
     _check(run_distributed(_worker, 4, CASES, llama_dir, 2))
 
 
-HSDP_MODES = ("tp", "ghost+accumulation", "ghost+scatter")
+HSDP_MODES = ("tp", "ghost+accumulation", "ghost+scatter", "ghost+stream")
 
 
 def test_hsdp_replicate2_shard2_matches_single_process_dp_sgd(llama_dir):
