@@ -265,6 +265,12 @@ def main() -> None:
                 # The step itself must still run on every rank: noise on a zero sum, the DP
                 # all-reduce and one accountant step.
                 losses = torch.zeros(0, device=device)
+                if args.fsdp:
+                    # FSDP's all-gathers are DP collectives: run a stand-in record's forward
+                    # and backward and discard everything (zero loss, per-sample grads dropped)
+                    stand_in = dataset[0][0].unsqueeze(0).to(device)
+                    (per_sample_losses(model, stand_in) * 0.0).sum().backward()
+                    controller.zero_grad_sample()
             optimizer.step()
             optimizer.zero_grad()
             step += 1
