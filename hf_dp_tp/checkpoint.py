@@ -1,5 +1,5 @@
-"""Files a DP run reads and writes besides the model: the ledger, per-rank optimizer state,
-sharded resumes, and the opt-in secrets file.
+"""Files a DP run reads and writes besides the full model: the ledger, per-rank optimizer state,
+sharded models (FSDP) and sharded resumes, and the opt-in secrets file.
 
 What is at rest matters for privacy (docs/usage.md, "Checkpointing the privacy ledger"):
 
@@ -26,6 +26,7 @@ LEDGER_NAME = "dp_ledger.json"
 REPORT_NAME = "privacy_report.json"
 OPTIMIZER_RANK_NAME = "optimizer.rank{rank}.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
+SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"  # the folder name accelerate gives FSDP shards
 
 
 # ---------------------------------------------------------------------- ledger
@@ -45,6 +46,34 @@ def checkpoint_global_step(checkpoint_dir: str) -> int:
             f"cannot read the global step of checkpoint {checkpoint_dir} from {path} ({err}): "
             "resume only from complete DPTrainer checkpoints."
         ) from None
+
+
+# ---------------------------------------------------------------------- sharded model (FSDP)
+def save_sharded_model(model: nn.Module, checkpoint_dir: str) -> None:
+    """Every rank writes its own shards of ``model``'s state dict (DTensors: FSDP and TP shards)
+    with ``torch.distributed.checkpoint`` under ``checkpoint_dir/pytorch_model_fsdp_0``: nothing
+    is gathered, no rank holds the full model. A collective: every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    dcp.save(
+        get_model_state_dict(model), checkpoint_id=os.path.join(checkpoint_dir, SHARDED_MODEL_DIR)
+    )
+
+
+def has_sharded_model(checkpoint_dir: str) -> bool:
+    return os.path.isdir(os.path.join(checkpoint_dir, SHARDED_MODEL_DIR))
+
+
+def load_sharded_model(model: nn.Module, checkpoint_dir: str) -> None:
+    """Load the shards :func:`save_sharded_model` wrote into ``model`` (sharded the same way or
+    differently: ``torch.distributed.checkpoint`` reads each rank's slices). A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = get_model_state_dict(model)
+    dcp.load(state, checkpoint_id=os.path.join(checkpoint_dir, SHARDED_MODEL_DIR))
+    set_model_state_dict(model, state)
 
 
 # ---------------------------------------------------------------------- optimizer state

@@ -39,10 +39,13 @@ from .arguments import DPTrainingArguments
 from .checkpoint import (
     REPORT_NAME,
     check_secrets_file_location,
+    has_sharded_model,
     load_full_checkpoint_into_sharded,
     load_rank_optimizer,
+    load_sharded_model,
     read_secrets_file,
     save_rank_optimizer,
+    save_sharded_model,
     write_ledger,
     write_secrets_file,
 )
@@ -748,8 +751,40 @@ class DPTrainer(Trainer):
                     "the files do not belong together. Resume from an untouched checkpoint."
                 )
 
+    @property
+    def _sharded_checkpoints(self) -> bool:
+        """Under FSDP the checkpoints hold the model as per-rank shards (no full gather)."""
+        return bool(getattr(self.args, "dp_fully_shard", False))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As ``Trainer.save_model``: an ordinary, unsharded checkpoint ``from_pretrained`` loads
+        in one process. Checkpoints of an FSDP run (``_internal_call``) hold the model as
+        per-rank shards instead (``torch.distributed.checkpoint``, ``pytorch_model_fsdp_0/``),
+        with its config: nothing is gathered onto one rank."""
+        if not (_internal_call and self._sharded_checkpoints):
+            super().save_model(output_dir, _internal_call)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_sharded_model(self.model, output_dir)  # every rank writes its shards
+        if self.args.should_save:
+            config = getattr(self.model, "config", None)
+            if config is not None and hasattr(config, "save_pretrained"):
+                config.save_pretrained(output_dir)
+            with _without_user_seed(self.args):
+                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is not None and has_sharded_model(best):
+            load_sharded_model(self.model, best)
+            return
+        super()._load_best_model()
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         model = model if model is not None else self.model
+        if has_sharded_model(resume_from_checkpoint):
+            load_sharded_model(model, resume_from_checkpoint)
+            return
         if infer_layout(model) == PLAIN:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if _is_peft(model):

@@ -68,18 +68,25 @@ def _args(out: str, **overrides):
         return DPTrainingArguments(**defaults)
 
 
-def _train_worker(rank: int, world: int, model_dir: str, out: str, overrides: dict) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from hf_dp_tp import DPTrainer
-
+def _launch_overrides(overrides: dict) -> dict:
+    """A copy of ``overrides`` with the launch settings applied: ``local_world_size`` (processes
+    per "node", for fsdp="hybrid_shard") and a ``parallelism_config`` given as a dict."""
     overrides = dict(overrides)
-    if "local_world_size" in overrides:  # processes per "node" (fsdp="hybrid_shard")
+    if "local_world_size" in overrides:
         os.environ["LOCAL_WORLD_SIZE"] = str(overrides.pop("local_world_size"))
     if isinstance(overrides.get("parallelism_config"), dict):
         from accelerate import ParallelismConfig
 
         overrides["parallelism_config"] = ParallelismConfig(**overrides["parallelism_config"])
+    return overrides
+
+
+def _train_worker(rank: int, world: int, model_dir: str, out: str, overrides: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from hf_dp_tp import DPTrainer
+
+    overrides = _launch_overrides(overrides)
     if overrides.pop("load_with_tp_plan", False):
         # transformers' own TP loading (each rank reads its shards); DPTrainer takes it as is
         from transformers.distributed import DistributedConfig
@@ -345,7 +352,7 @@ def _noisy_worker(rank: int, world: int, model_dir: str, out: str, overrides: di
 
     from hf_dp_tp import DPTrainer
 
-    overrides = dict(overrides)
+    overrides = _launch_overrides(overrides)
     model = _maybe_lora(_load(model_dir, overrides.pop("load_with_tp_plan", False)), overrides)
     data = models.markov_records(256, SEQ, vocab=64, seed=1)
     from datasets import Dataset
@@ -407,24 +414,44 @@ def test_noisy_training_logs_epsilon_matching_opacus(llama_dir, tmp_path):
         pytest.param(
             {"load_with_tp_plan": True}, id="transformers-tp-loading", marks=pytest.mark.slow
         ),
-        # FSDP2 over dp=2 (tp_size=1), ghost clipping: per-rank optimizer-state shards
+        # FSDP2 over dp=2 (tp_size=1), ghost clipping: the model and the optimizer state are
+        # saved as per-rank shards (torch.distributed.checkpoint), never gathered
         pytest.param(
             {"fsdp": "full_shard", "tp_size": 1, "grad_sample_mode": "ghost"}, id="fsdp-ghost"
+        ),
+        pytest.param(
+            {"fsdp": "full_shard", "grad_sample_mode": "ghost", "world": 4},
+            id="fsdp2-tp2-ghost",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            {"fsdp": "hybrid_shard", "local_world_size": 2, "tp_size": 1, "world": 4},
+            id="hsdp2x2",
+            marks=pytest.mark.slow,
         ),
     ],
 )
 def test_resume_continues_epsilon_and_model_exactly(llama_dir, tmp_path, variant):
     noisy = {**NOISY, **variant}
+    world = noisy.pop("world", 2)
     straight = str(tmp_path / "straight")
-    full = run_distributed(_noisy_worker, 2, llama_dir, straight, noisy)[0]
+    full = run_distributed(_noisy_worker, world, llama_dir, straight, noisy)[0]
 
     split = str(tmp_path / "split")
     run_distributed(
-        _noisy_worker, 2, llama_dir, split, {**noisy, "save_steps": 3, "save_strategy": "steps"}
+        _noisy_worker, world, llama_dir, split, {**noisy, "save_steps": 3, "save_strategy": "steps"}
     )
+    checkpoint = os.path.join(split, "checkpoint-3")
+    files = sorted(os.listdir(checkpoint))
+    if "fsdp" in noisy:  # sharded: no full model file, one optimizer shard per rank
+        assert "pytorch_model_fsdp_0" in files and "model.safetensors" not in files, files
+        assert "config.json" in files and "dp_ledger.json" in files, files
+        assert [f for f in files if f.startswith("optimizer.rank")] == [
+            f"optimizer.rank{r}.pt" for r in range(world)
+        ], files
     # a fresh run with the same seeds, resumed from the step-3 checkpoint
     resumed = run_distributed(
-        _resume_worker, 2, llama_dir, split, {**noisy, "save_strategy": "no"}, "checkpoint-3"
+        _resume_worker, world, llama_dir, split, {**noisy, "save_strategy": "no"}, "checkpoint-3"
     )[0]
     assert resumed["ledger"]["accountant"] == full["ledger"]["accountant"]
     assert resumed["ledger"]["optimizer"]["steps_taken"] == NOISY["max_steps"]
@@ -442,7 +469,7 @@ def _resume_worker(rank, world, model_dir, out, overrides, checkpoint):
 
     from hf_dp_tp import DPTrainer
 
-    overrides = dict(overrides)
+    overrides = _launch_overrides(overrides)
     model = _maybe_lora(_load(model_dir, overrides.pop("load_with_tp_plan", False)), overrides)
     data = models.markov_records(256, SEQ, vocab=64, seed=1)
     args = _args(out, **overrides)
