@@ -206,8 +206,13 @@ def _assert_saved_equals_reference(model_dir: str, out: str, expected: dict) -> 
         ),
         pytest.param(
             2,
-            {"fsdp": "full_shard", "tp_size": 1, "per_device_train_batch_size": 4},
-            id="fsdp2_only_tp",
+            {
+                "fsdp": "full_shard",
+                "tp_size": 1,
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 2,
+            },
+            id="fsdp2_only_tp_ga2",
         ),
         pytest.param(
             4,
@@ -288,13 +293,70 @@ def test_fsdp_with_empty_micro_batches_equals_replicated_dp(llama_dir, tmp_path)
     assert worst < 1e-9
 
 
-@pytest.mark.parametrize("mode", ["tp", "ghost"])
-def test_tied_embeddings_one_step_and_plain_save(tied_llama_dir, tmp_path, mode):
+@pytest.mark.slow
+def test_two_local_nodes_equal_single_process_dp_sgd(tied_llama_dir, tmp_path):
+    """The multi-node launch through DPTrainer: two ``torchrun --nnodes 2`` launchers on
+    localhost, 2 processes each. FSDP across the "nodes" with TP inside one (tied Llama, ghost,
+    gradient accumulation), then HSDP (``fsdp="hybrid_shard"``: one replica per node, FSDP over
+    its 2 processes); each saved checkpoint equals single-process DP-SGD."""
+    import json
+
+    from tests.distributed_harness import run_on_two_local_nodes
+
+    clip = 0.5 * _reference_update(tied_llama_dir).min().item()
+    expected = _reference_update(tied_llama_dir, clip)
+    common = {"per_sample_max_grad_norm": clip, "grad_sample_mode": "ghost"}
+    runs = [
+        (
+            str(tmp_path / "fsdp_tp"),
+            {
+                **common,
+                "fsdp": "full_shard",
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 2,
+            },
+        ),
+        (
+            str(tmp_path / "hsdp"),
+            {**common, "fsdp": "hybrid_shard", "tp_size": 1, "per_device_train_batch_size": 2},
+        ),
+    ]
+    run_on_two_local_nodes(
+        ["-m", "tests.trainer_two_node_worker", tied_llama_dir, json.dumps(runs)], timeout=420
+    )
+    meshes = [{"dp": 2, "tp": 2}, {"dp_replicate": 2, "dp_shard": 2, "tp": 1}]
+    for (out, overrides), mesh in zip(runs, meshes, strict=True):
+        with open(os.path.join(out, "mesh.json")) as f:
+            assert json.load(f) == mesh
+        err = _assert_saved_equals_reference(tied_llama_dir, out, expected)
+        print(f"two nodes {overrides}: saved checkpoint vs reference, relative error {err:.3g}")
+        assert err < 1e-9
+
+
+@pytest.mark.parametrize(
+    "world, overrides",
+    [
+        pytest.param(2, {"grad_sample_mode": "tp"}, id="tp"),
+        pytest.param(2, {"grad_sample_mode": "ghost"}, id="ghost"),
+        pytest.param(
+            4,
+            {
+                "grad_sample_mode": "ghost",
+                "fsdp": "full_shard",
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 2,
+            },
+            id="fsdp2_tp2_ghost_ga2",
+        ),
+    ],
+)
+def test_tied_embeddings_one_step_and_plain_save(tied_llama_dir, tmp_path, world, overrides):
     """The tied weight's update is the sum of both uses (its norm, in ghost mode, includes the
-    cross term of the two uses); the saved checkpoint stays tied."""
+    cross term of the two uses), also when FSDP shards it over DP; the saved checkpoint stays
+    tied."""
     from transformers import AutoModelForCausalLM
 
-    _one_step_equivalence(tied_llama_dir, tmp_path, 2, {"grad_sample_mode": mode})
+    _one_step_equivalence(tied_llama_dir, tmp_path, world, overrides)
     saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert saved.lm_head.weight is saved.model.embed_tokens.weight
 
@@ -516,8 +578,13 @@ def _lora_worker(
         pytest.param(2, {}, id="tp2"),
         pytest.param(
             4,
-            {"fsdp": "full_shard", "grad_sample_mode": "ghost", "per_device_train_batch_size": 4},
-            id="fsdp2_tp2_ghost",
+            {
+                "fsdp": "full_shard",
+                "grad_sample_mode": "ghost",
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 2,
+            },
+            id="fsdp2_tp2_ghost_ga2",
             marks=pytest.mark.slow,
         ),
     ],
