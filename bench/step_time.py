@@ -13,6 +13,10 @@ Presets (every size flag overrides its preset value; ``--bf16`` / ``--no-bf16``)
 
 - ``tiny`` (CPU): hidden 128, 2 layers, 4 heads (kv heads = heads), MLP 4 * hidden, vocab 512,
   seq 64, batch 16 per DP rank, 20 timed steps after 3 warm-up steps, tp 2, dp 1, fp32.
+- ``small`` (CPU, for the FSDP memory table): hidden 768, 2 layers, 8 heads, MLP 3072, vocab
+  4096, seq 32, batch 4 per DP rank, 5 timed steps after 2, tp 2, dp 2, fp32 (~24M parameters;
+  its MLP and vocabulary matrices have at least 2²⁰ elements per TP rank, so their clipped sums
+  are streamed under ``--fsdp``).
 - ``1b`` (GPUs): hidden 2048, 16 layers, 32 heads, 8 kv heads, MLP 8192 (4 * hidden), vocab
   32000, seq 512, batch 8 per DP rank, 10 timed steps after 3, tp 2, dp 1, bf16 (~1.10B
   parameters, untied embeddings).
@@ -78,7 +82,14 @@ Output fields:
   training adds (``*_increase_mb``) of (b) / (g) over that of (a).
 - ``*_param_mb_per_rank`` / ``*_optimizer_state_mb_per_rank``: what one rank holds of the
   parameters and of the AdamW state (local shards; max over ranks) — with ``--fsdp`` they fall by
-  the DP size. (c) has none.
+  the DP size. ``*_grad_mb_per_rank``: the most gradient memory one rank holds at a time (max
+  over ranks and steps): (a) its ``.grad`` after the backward (FSDP: its shards); (b), (g) the
+  larger of its clipped sums held after the micro-batch (whole TP-local sums, or under
+  ``--fsdp`` the shards of those streamed by ``clip_and_accumulate(scatter=True)``, as
+  ``DPTrainer`` does) and the written ``.grad``. Per-sample gradients and ghost factors are
+  transient (activation-like) and not counted here; they show in ``*_increase_mb``. (c) has none.
+- ``dp_replicate_size`` (with ``--fsdp``): HSDP, that many replicas each sharded over
+  ``dp_size / dp_replicate_size`` ranks.
 - ``opacus_single_process_skipped``: null when (c) ran, else why not (``--no_opacus``, estimated
   not to fit in free memory, out of memory, failed); its fields are then null.
 - ``non_private_breakdown_s`` ({forward, backward, grad_all_reduce (dp>1 only), optimizer_step,
@@ -136,6 +147,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         warmup=3,
         tp_size=2,
         dp_size=1,
+        bf16=False,
+    ),
+    "small": dict(  # CPU, with weights large enough (TP-local >= 2**20) to stream under FSDP
+        hidden=768,
+        layers=2,
+        heads=8,
+        kv_heads=None,
+        intermediate=None,  # 4 * hidden = 3072
+        vocab=4096,
+        seq=32,
+        batch=4,
+        steps=5,
+        warmup=2,
+        tp_size=2,
+        dp_size=2,
         bf16=False,
     ),
     "1b": dict(  # ~1.1B parameters (untied embeddings): meant for GPUs
@@ -201,6 +227,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and the root over mesh['dp']); needs dp_size > 1 to shard anything",
     )
     p.add_argument(
+        "--dp_replicate_size",
+        type=int,
+        default=1,
+        help="with --fsdp: HSDP, this many replicas each sharded over dp_size / dp_replicate_size",
+    )
+    p.add_argument(
         "--secure_mode",
         action="store_true",
         help="also run (s): DP-TP with secure_mode=True, and report its ratio to seeded (b)",
@@ -228,6 +260,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--warmup must be >= 0, got {cfg['warmup']}")
     cfg["nproc"] = cfg["tp_size"] * cfg["dp_size"]
     cfg["fsdp"] = bool(getattr(args, "fsdp", False))
+    cfg["dp_replicate_size"] = int(getattr(args, "dp_replicate_size", 1) or 1)
+    if cfg["dp_replicate_size"] > 1 and not cfg["fsdp"]:
+        raise SystemExit("--dp_replicate_size needs --fsdp (HSDP replicates sharded groups)")
+    if cfg["dp_size"] % cfg["dp_replicate_size"] != 0:
+        raise SystemExit("--dp_replicate_size must divide --dp_size")
     cfg["global_batch"] = cfg["batch"] * cfg["dp_size"]
     cfg["dtype"] = "bfloat16" if cfg["bf16"] else "float32"
     return cfg
@@ -407,7 +444,12 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
 
     from hf_dp_tp import DPOptimizerTP, GradSampleControllerTP, init_dp_tp_mesh
     from hf_dp_tp.optimizer import split_mixed_param_groups
-    from hf_dp_tp.parallel import apply_tp_plan, destroy_process_groups, fully_shard_over_dp
+    from hf_dp_tp.parallel import (
+        apply_tp_plan,
+        destroy_process_groups,
+        dim_mesh,
+        fully_shard_over_dp,
+    )
 
     warnings.filterwarnings("ignore")
     world = int(os.environ["WORLD_SIZE"])
@@ -418,8 +460,11 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
     else:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
-    mesh = init_dp_tp_mesh(cfg["tp_size"], device.type)
-    dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+    mesh = init_dp_tp_mesh(
+        cfg["tp_size"], device.type, dp_replicate_size=cfg.get("dp_replicate_size", 1)
+    )
+    dp_mesh = dim_mesh(mesh, "dp")
+    dp_rank, dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
     ids = global_batch(cfg, device)[dp_rank * cfg["batch"] : (dp_rank + 1) * cfg["batch"]]
 
     model = build_model(cfg, device)
@@ -431,6 +476,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     sw = Stopwatch(device)
     inner = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    held = [0]  # the most gradient bytes this rank held at once (see *_grad_mb_per_rank)
 
     if kind == "a":
         split_mixed_param_groups(inner)  # foreach kernels cannot mix DTensor and plain params
@@ -446,9 +492,10 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
                 loss = loss_fn(model, ids)
             with sw.section("backward"):
                 loss.backward()
+            held[0] = max(held[0], sum(_local_bytes(p.grad) for p in params))
             if dp_size > 1 and not fsdp_reduces:
                 with sw.section("grad_all_reduce"):
-                    _dp_all_reduce_grads(params, mesh["dp"].get_group(), dp_size)
+                    _dp_all_reduce_grads(params, dp_mesh.get_group(), dp_size)
             opt.step()
             opt.zero_grad()
 
@@ -469,12 +516,19 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
         stages = list(DP_STAGES)
         hook = getattr(controller, "_on_output_grad", None)  # private: timed as a detail only
 
+        stream = bool(cfg.get("fsdp"))  # as DPTrainer: FSDP sums reduce-scattered at once
+        params = [p for p in model.parameters() if p.requires_grad]
+
         def step() -> None:
             with sw.section("forward"):
                 loss = loss_fn(model, ids)
             with sw.section("backward_with_per_sample_hooks"):
                 loss.backward()
-            opt.step()  # clip_and_accumulate, add_noise_and_reduce, inner AdamW step
+            opt.clip_and_accumulate(scatter=stream)
+            sums = [*opt._clipped_sums.values(), *opt._scattered_sums.values()]  # private: bench
+            held[0] = max(held[0], sum(_local_bytes(t) for t in sums))
+            opt.step()  # (nothing left to clip), add_noise_and_reduce, inner AdamW step
+            held[0] = max(held[0], sum(_local_bytes(p.grad) for p in params))
             opt.zero_grad()
 
         def instrument() -> None:
@@ -506,7 +560,9 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
         sum(_local_bytes(t) for s in inner.state.values() for t in s.values()),
     ]
     mem = torch.tensor(
-        [after_build, peak, peak - after_build, *state_bytes], dtype=torch.float64, device=device
+        [after_build, peak, peak - after_build, *state_bytes, held[0]],
+        dtype=torch.float64,
+        device=device,
     )
     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
     if controller is not None:
@@ -520,6 +576,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
             "increase_mb": mem[2].item(),
             "param_mb_per_rank": mem[3].item() / MIB,
             "optimizer_state_mb_per_rank": mem[4].item() / MIB,
+            "grad_mb_per_rank": mem[5].item() / MIB,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "device_type": device.type,
             "backend": dist.get_backend(),
@@ -849,6 +906,7 @@ def driver(args: argparse.Namespace) -> None:
         "increase_mb",
         "param_mb_per_rank",
         "optimizer_state_mb_per_rank",
+        "grad_mb_per_rank",
     ):
         for kind, res in runs:
             out[f"{CONFIGS[kind]}_{field}"] = res.get(field) if res else None

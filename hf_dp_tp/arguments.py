@@ -67,6 +67,52 @@ IGNORED_LOADER_SETTINGS = {
 }
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def _take_launcher_fsdp(given: bool) -> set[str]:
+    """The FSDP options of an ``accelerate launch`` FSDP config (environment variables), turned
+    into Trainer's ``fsdp`` options; accelerate's own FSDP switch is turned off. Refuses FSDP1,
+    CPU offload and ``reshard_after_forward=False`` (ZeRO-2)."""
+    if not _env_true("ACCELERATE_USE_FSDP"):
+        return set()
+    os.environ["ACCELERATE_USE_FSDP"] = "false"  # DPTrainer applies FSDP2 itself, after TP
+    if given:
+        raise ValueError(
+            "accelerate launch has an FSDP config and fsdp=... is set too: give FSDP once."
+        )
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version.strip() != "2":
+        raise ValueError(
+            f"accelerate's FSDP config has fsdp_version {version}: DPTrainer supports FSDP2 only "
+            "(set fsdp_version: 2)."
+        )
+    if _env_true("FSDP_OFFLOAD_PARAMS"):
+        raise ValueError(
+            "accelerate's FSDP config offloads parameters: not supported by DPTrainer."
+        )
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
+    if reshard in ("false", "0", "shard_grad_op", "no_shard"):
+        raise ValueError(
+            f"accelerate's FSDP config has fsdp_reshard_after_forward={reshard}: DPTrainer "
+            "supports full (or hybrid) sharding only."
+        )
+    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+    return {"hybrid_shard"} if strategy in ("HYBRID_SHARD", "4") else {"full_shard"}
+
+
+def _take_launcher_parallelism_config():
+    """The ``ParallelismConfig`` an ``accelerate launch`` config asked for (environment
+    variables), or None; accelerate's own switch is turned off (DPTrainer builds the mesh)."""
+    if not _env_true("ACCELERATE_USE_PARALLELISM_CONFIG"):
+        return None
+    from accelerate import ParallelismConfig
+
+    os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = "false"
+    return ParallelismConfig()  # reads PARALLELISM_CONFIG_* from the environment
+
+
 @dataclass
 class DPTrainingArguments(TrainingArguments):
     """Training arguments for :class:`~hf_dp_tp.DPTrainer`.
@@ -242,6 +288,11 @@ class DPTrainingArguments(TrainingArguments):
           HSDP, FSDP inside a node and one replica per node (``dp_replicate_size`` None: the
           number of nodes, known at launch). ``"auto_wrap"`` may accompany either (the wrapping
           is always per decoder layer); offload and ZeRO-2 style options are refused.
+        - ``accelerate launch`` with an FSDP2 config (``ACCELERATE_USE_FSDP``, ``FSDP_*`` in the
+          environment) is taken as ``fsdp="full_shard"``, or ``"hybrid_shard"`` for that sharding
+          strategy; one with a parallelism config (``ACCELERATE_USE_PARALLELISM_CONFIG``) as its
+          ``ParallelismConfig``. Both switches are then turned off in this process's environment,
+          so that accelerate does not apply its own FSDP on top.
         - accelerate's ``parallelism_config=ParallelismConfig(dp_replicate_size=r,
           dp_shard_size=s, tp_size=t)``: TP over t, FSDP over s (when s > 1), replicas over r;
           it sets ``tp_size`` and must cover the world (``dp_mesh_size`` r·s, checked at launch).
@@ -250,7 +301,10 @@ class DPTrainingArguments(TrainingArguments):
         fsdp = self.fsdp
         options = fsdp.split() if isinstance(fsdp, str) else [str(o) for o in (fsdp or [])]
         options = {o.split(".")[-1].lower() for o in options}
+        options |= _take_launcher_fsdp(bool(options))
         parallelism = self.parallelism_config
+        if parallelism is None:
+            parallelism = _take_launcher_parallelism_config()
         if options and parallelism is not None:
             raise ValueError(
                 "give the sharding either as fsdp=... or as parallelism_config=ParallelismConfig"

@@ -445,6 +445,8 @@ class DPTrainer(Trainer):
             "per_sample_max_grad_norm": self.args.per_sample_max_grad_norm,
             "dp_size": self.mesh_info.dp_size,
             "tp_size": self.mesh_info.tp_size,
+            "dp_shard_size": self.mesh_info.dp_shard_size if self._sharded_checkpoints else 1,
+            "dp_replicate_size": self.mesh_info.dp_replicate_size,
             "secure_mode": self.args.secure_mode,
             "not_covered": list(NOT_COVERED),
         }

@@ -304,9 +304,34 @@ def test_demo_with_fsdp_over_dp_and_ghost_clipping(tmp_path):
     report = _load_json(out / "privacy_report.json")
     assert report["steps"] == 2 and report["dataset_size"] == 400
     assert 0 < report["epsilon"] < float("inf")
-    assert (report["dp_size"], report["tp_size"]) == (2, 2)
+    assert (report["dp_size"], report["tp_size"], report["dp_shard_size"]) == (2, 2, 2)
     model = AutoModelForCausalLM.from_pretrained(out)  # ordinary, unsharded weights
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_demo_under_accelerate_launch_with_its_fsdp2_config(tmp_path):
+    """``accelerate launch`` with the repo's FSDP2 config (its CPU variant: 4 processes, no bf16)
+    runs DPTrainer's own FSDP2 over dp=2 × TP 2, with accelerate's FSDP plugin turned off."""
+    config = (EXAMPLES / "accelerate_configs" / "fsdp2_tp_gpus.yaml").read_text()
+    config = config.replace("num_processes: 8", "num_processes: 4")
+    config = config.replace("mixed_precision: bf16", 'mixed_precision: "no"')
+    cpu_config = tmp_path / "fsdp2_cpu.yaml"
+    cpu_config.write_text(config)
+    out = tmp_path / "fsdp_accelerate"
+    run_script(
+        [
+            *(sys.executable, "-m", "accelerate.commands.launch"),
+            *("--config_file", str(cpu_config)),
+            str(EXAMPLES / "finetune_causal_lm.py"),
+            *("--grad_sample_mode", "ghost", "--tp_size", "2"),
+            *("--max_steps", "2", "--max_train_samples", "400", "--max_eval_samples", "20"),
+            *("--output_dir", str(out), "--disable_tqdm", "true"),
+        ]
+    )
+    report = _load_json(out / "privacy_report.json")
+    assert (report["dp_size"], report["tp_size"], report["dp_shard_size"]) == (2, 2, 2)
+    assert 0 < report["epsilon"] < float("inf")
 
 
 @pytest.mark.slow

@@ -92,6 +92,47 @@ def test_parallelism_config_sets_the_mesh_or_is_refused():
         )
 
 
+def test_accelerate_launch_fsdp_and_parallelism_configs_are_taken_over(monkeypatch):
+    """``accelerate launch`` with an FSDP2 or a parallelism config (environment variables)
+    becomes DPTrainer's own FSDP; accelerate's switches are turned off (its FSDP plugin would
+    reduce the non-private gradients); FSDP1, offload and ZeRO-2 are refused."""
+    from hf_dp_tp import DPTrainingArguments
+
+    base = dict(output_dir="/tmp/unused", report_to=[], noise_multiplier=1.0)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    args = DPTrainingArguments(**base)
+    assert args.dp_fully_shard and args.dp_replicate_size == 1 and not args.fsdp
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
+    args = DPTrainingArguments(**base)
+    assert args.dp_fully_shard and args.dp_replicate_size is None  # one replica per node
+    for name, value, why in [
+        ("FSDP_VERSION", "1", "FSDP2 only"),
+        ("FSDP_OFFLOAD_PARAMS", "true", "offloads parameters"),
+        ("FSDP_RESHARD_AFTER_FORWARD", "false", "full \\(or hybrid\\) sharding only"),
+    ]:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            with pytest.raises(ValueError, match=why):
+                DPTrainingArguments(**base)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_SHARD_SIZE", "2")
+    monkeypatch.setenv("PARALLELISM_CONFIG_TP_SIZE", "2")
+    args = DPTrainingArguments(**base)
+    assert (args.tp_size, args.dp_fully_shard, args.dp_replicate_size, args.dp_mesh_size) == (
+        2,
+        True,
+        1,
+        2,
+    )
+    assert os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] == "false"
+
+
 @pytest.mark.parametrize(
     "setting, value, why",
     [
