@@ -600,7 +600,10 @@ class DPTrainer(Trainer):
             self.grad_sample_controller.check_batch_size(losses.shape[0])
             loss = losses.mean()
             self.accelerator.backward(loss)
-            self._dp_optimizer.clip_and_accumulate(scatter=stream)
+            if stream:
+                self._dp_optimizer.clip_and_accumulate(scatter=True)
+            else:
+                self._dp_optimizer.clip_and_accumulate()
         return loss.detach() / self.current_gradient_accumulation_steps
 
     def _run_discarded_stand_in(self, model: nn.Module) -> None:

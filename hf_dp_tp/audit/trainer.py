@@ -50,7 +50,7 @@ class CanaryDPOptimizer(DPOptimizerTP):
     canary_gradient_norm: float = 1.0
     pending_canaries: torch.Tensor | None = None
 
-    def clip_and_accumulate(self) -> None:
+    def clip_and_accumulate(self, *, scatter: bool = False) -> None:
         ids, self.pending_canaries = self.pending_canaries, None
         if ids is not None and ids.numel() > 0 and self.canaries is not None:
             params = self.params()
@@ -68,7 +68,7 @@ class CanaryDPOptimizer(DPOptimizerTP):
                 if g is None:
                     g = row.new_zeros((num_records, *row.shape[1:]))
                 p.grad_sample = torch.cat([g, row.to(g.device)])
-        super().clip_and_accumulate()
+        super().clip_and_accumulate(scatter=scatter)
 
 
 class AuditTrainer(DPTrainer):
