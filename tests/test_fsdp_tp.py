@@ -228,21 +228,19 @@ SIGMA, CLIP = 1.5, 2.0
 MUTATIONS = (None, "noise_before_reduction_too", "owners_share_a_stream")
 
 
-def _noise_run(mesh, mutation: str | None) -> dict:
-    """One noisy step on zero per-sample gradients: the gradient is the noise. ``mutation``
-    breaks rule 6 the way the statistics must catch: FSDP shards noised by DP rank 0 before the
-    reduction as well as by their owners, or every owner drawing from the same stream."""
-    from unittest import mock
-
+def _zero_gradient_noisy_step(mesh, patch, *, secure: bool = False) -> dict:
+    """One noisy step of the ``WideMLP`` (TP over ``mesh["tp"]`` when it has more than one rank,
+    then FSDP) on zero per-sample gradients, so that the gradient is the noise, under the
+    context manager ``patch``: each parameter's full gradient, this rank's shard of it, and
+    whether it is TP-sharded."""
     from hf_dp_tp import DPOptimizerTP
-    from hf_dp_tp import optimizer as optimizer_module
-    from hf_dp_tp.noise import NoiseSource
     from tests.test_noise import PLAN, WideMLP
 
     torch.manual_seed(0)
     model = WideMLP()
-    apply_tp_plan(model, mesh["tp"], PLAN)
-    _shard(model, mesh["dp"])
+    if mesh["tp"].size() > 1:
+        apply_tp_plan(model, mesh["tp"], PLAN)
+    _shard(model, fsdp_mesh_of(mesh))
     controller = GradSampleControllerTP(
         model, device_mesh=mesh, loss_reduction="sum", grad_sample_mode="ghost"
     )
@@ -253,7 +251,35 @@ def _noise_run(mesh, mutation: str | None) -> dict:
         expected_batch_size=4,
         mesh=controller.mesh,
         loss_reduction="sum",
+        secure_mode=secure,
     )
+    x = torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(7))
+    (model(x) * 0.0).sum().backward()  # every per-sample gradient is exactly zero
+    with patch:
+        optimizer.step()
+    out = {
+        name: {
+            "full": p.grad.full_tensor().detach().clone(),
+            "local": p.grad.to_local().detach().clone(),
+            "tp_sharded": controller.layout_of(p).sharded,
+        }
+        for name, p in model.named_parameters()
+    }
+    controller.cleanup()
+    return out
+
+
+def _noise_run(mesh, mutation: str | None) -> dict:
+    """:func:`_zero_gradient_noisy_step` with ``mutation`` breaking rule 6 the way the statistics
+    must catch: FSDP shards noised by DP rank 0 before the reduction as well as by their owners,
+    or every owner drawing from the same stream."""
+    from contextlib import nullcontext
+    from unittest import mock
+
+    from hf_dp_tp import DPOptimizerTP
+    from hf_dp_tp import optimizer as optimizer_module
+    from hf_dp_tp.noise import NoiseSource
+
     add_noise = DPOptimizerTP.add_noise
 
     def noise_before_reduction_too(self, sums, layouts):
@@ -270,7 +296,7 @@ def _noise_run(mesh, mutation: str | None) -> dict:
             super().__init__(**kwargs)
 
     patches = {
-        None: mock.patch.object(DPOptimizerTP, "add_noise", add_noise),
+        None: nullcontext(),
         "noise_before_reduction_too": mock.patch.object(
             DPOptimizerTP, "add_noise", noise_before_reduction_too
         ),
@@ -278,20 +304,7 @@ def _noise_run(mesh, mutation: str | None) -> dict:
             optimizer_module, "NoiseSource", SharedOwnerStream
         ),
     }
-    x = torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(7))
-    (model(x) * 0.0).sum().backward()  # every per-sample gradient is exactly zero
-    with patches[mutation]:
-        optimizer.step()
-    out = {
-        name: {
-            "full": p.grad.full_tensor().detach().clone(),
-            "local": p.grad.to_local().detach().clone(),
-            "tp_sharded": controller.layout_of(p).sharded,
-        }
-        for name, p in model.named_parameters()
-    }
-    controller.cleanup()
-    return out
+    return _zero_gradient_noisy_step(mesh, patches[mutation])
 
 
 def _noise_worker(rank: int, world: int) -> dict:
@@ -343,28 +356,12 @@ def test_fsdp2_noise_is_added_once_per_element_by_shard_owners():
 
 
 def _hsdp_noise_run(mesh, mutation: str | None, secure: bool) -> dict:
-    """One noisy step on zero per-sample gradients under HSDP (tp 1). ``"every_replica_noises"``
-    breaks rule 6: the owners of every replica, not only the first, add their noise."""
+    """:func:`_zero_gradient_noisy_step` under HSDP (tp 1). ``"every_replica_noises"`` breaks
+    rule 6: the owners of every replica, not only the first, add their noise."""
+    from contextlib import nullcontext
     from unittest import mock
 
     from hf_dp_tp import DPOptimizerTP
-    from tests.test_noise import WideMLP
-
-    torch.manual_seed(0)
-    model = WideMLP()
-    _shard(model, fsdp_mesh_of(mesh))
-    controller = GradSampleControllerTP(
-        model, device_mesh=mesh, loss_reduction="sum", grad_sample_mode="ghost"
-    )
-    optimizer = DPOptimizerTP(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        noise_multiplier=SIGMA,
-        max_grad_norm=CLIP,
-        expected_batch_size=4,
-        mesh=controller.mesh,
-        loss_reduction="sum",
-        secure_mode=secure,
-    )
 
     def every_replica_noises(self, shards, layouts):
         self._add_noise_to(shards, layouts, dp_rank=self.mesh.dp_shard_rank)
@@ -372,21 +369,9 @@ def _hsdp_noise_run(mesh, mutation: str | None, secure: bool) -> dict:
     patch = (
         mock.patch.object(DPOptimizerTP, "add_shard_noise", every_replica_noises)
         if mutation == "every_replica_noises"
-        else mock.patch.object(DPOptimizerTP, "add_shard_noise", DPOptimizerTP.add_shard_noise)
+        else nullcontext()
     )
-    x = torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(7))
-    (model(x) * 0.0).sum().backward()
-    with patch:
-        optimizer.step()
-    out = {
-        name: {
-            "full": p.grad.full_tensor().detach().clone(),
-            "local": p.grad.to_local().detach().clone(),
-        }
-        for name, p in model.named_parameters()
-    }
-    controller.cleanup()
-    return out
+    return _zero_gradient_noisy_step(mesh, patch, secure=secure)
 
 
 def _hsdp_noise_worker(rank: int, world: int) -> dict:
