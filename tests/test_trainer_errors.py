@@ -282,6 +282,14 @@ def _errors_worker(rank: int, world: int, model_dir: str, out: str) -> dict[str,
         lambda: trainer(sharded, tp_size=1, grad_sample_mode="hooks", tp_plan=None),
     )
     expect("tp_plan_none_unsharded", ValueError, lambda: trainer(llama(), tp_plan=None))
+    from accelerate import ParallelismConfig
+
+    four_ranks = ParallelismConfig(dp_shard_size=2, tp_size=2)
+    expect(
+        "parallelism_config_not_the_world",
+        ValueError,
+        lambda: trainer(llama(), tp_size=1, parallelism_config=four_ranks),
+    )
 
     with_conv = llama()
     with_conv.extra = nn.Conv1d(2, 2, 1)
@@ -364,6 +372,7 @@ def error_results(tmp_path_factory):
             r"DTensor.*grad_sample_mode='hooks'.*Use grad_sample_mode='tp'",
         ),
         ("tp_plan_none_unsharded", r"tp_plan=None, but the model is not parallelized"),
+        ("parallelism_config_not_the_world", r"covers .* = 4 ranks but the launch has 2"),
         ("unsupported_layer", r"module 'extra' \(Conv1d\).*no per-sample gradient rule"),
         ("batch_larger_than_dataset", r"exceeds the 8 training records"),
         ("resume_without_ledger", r"no privacy ledger"),
