@@ -215,12 +215,6 @@ def test_hsdp_replicate2_shard2_matches_single_process_dp_sgd(llama_dir):
     _check(run_distributed(_worker, 4, CASES, llama_dir, 1, 2, HSDP_MODES))
 
 
-@pytest.mark.slow
-def test_hsdp_replicate2_shard2_tp2_matches_single_process_dp_sgd(llama_dir):
-    """HSDP × TP on 8 ranks: 2 replicas × FSDP over 2 × TP over 2."""
-    _check(run_distributed(_worker, 8, ["llama_tied_hf_plan"], llama_dir, 2, 2, ("ghost+scatter",)))
-
-
 # --------------------------------------------------------------------------- noise under FSDP
 SIGMA, CLIP = 1.5, 2.0
 

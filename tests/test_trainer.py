@@ -482,11 +482,6 @@ def test_noisy_training_logs_epsilon_matching_opacus(llama_dir, tmp_path):
             {"fsdp": "full_shard", "tp_size": 1, "grad_sample_mode": "ghost"}, id="fsdp-ghost"
         ),
         pytest.param(
-            {"fsdp": "full_shard", "grad_sample_mode": "ghost", "world": 4},
-            id="fsdp2-tp2-ghost",
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(
             {"fsdp": "hybrid_shard", "local_world_size": 2, "tp_size": 1, "world": 4},
             id="hsdp2x2",
             marks=pytest.mark.slow,
