@@ -407,17 +407,3 @@ def test_hsdp_noise_is_added_once_per_element_by_the_first_replica():
         print(f"mutant {name}: std {std:.4f}")
         if n >= 1024:
             assert abs(std / (SIGMA * CLIP) - 1) > 6 / math.sqrt(2 * n), (name, std)
-
-
-@pytest.mark.slow
-def test_fsdp2_tp2_on_two_local_nodes_matches_single_process(llama_dir, tmp_path):
-    """The same check through the multi-node launch: two ``torchrun --nnodes 2`` launchers on
-    localhost (c10d rendezvous), 2 processes each; TP inside a "node", FSDP across the two."""
-    import json
-
-    from tests.distributed_harness import run_on_two_local_nodes
-
-    result_file = str(tmp_path / "errors.json")
-    run_on_two_local_nodes(["-m", "tests.fsdp_two_node_worker", llama_dir, result_file])
-    with open(result_file) as f:
-        _check(json.load(f))

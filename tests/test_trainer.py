@@ -481,11 +481,6 @@ def test_noisy_training_logs_epsilon_matching_opacus(llama_dir, tmp_path):
         pytest.param(
             {"fsdp": "full_shard", "tp_size": 1, "grad_sample_mode": "ghost"}, id="fsdp-ghost"
         ),
-        pytest.param(
-            {"fsdp": "hybrid_shard", "local_world_size": 2, "tp_size": 1, "world": 4},
-            id="hsdp2x2",
-            marks=pytest.mark.slow,
-        ),
     ],
 )
 def test_resume_continues_epsilon_and_model_exactly(llama_dir, tmp_path, variant):
