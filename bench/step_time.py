@@ -477,10 +477,10 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
     sw = Stopwatch(device)
     inner = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     held = [0]  # the most gradient bytes this rank held at once (see *_grad_mb_per_rank)
+    params = [p for p in model.parameters() if p.requires_grad]
 
     if kind == "a":
         split_mixed_param_groups(inner)  # foreach kernels cannot mix DTensor and plain params
-        params = [p for p in model.parameters() if p.requires_grad]
         opt, controller, hook = inner, None, None
         stages = ["forward", "backward", "optimizer_step", "other"]
         fsdp_reduces = bool(cfg.get("fsdp"))  # FSDP reduce-scatters in backward itself
@@ -517,7 +517,6 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
         hook = getattr(controller, "_on_output_grad", None)  # private: timed as a detail only
 
         stream = bool(cfg.get("fsdp"))  # as DPTrainer: FSDP sums reduce-scattered at once
-        params = [p for p in model.parameters() if p.requires_grad]
 
         def step() -> None:
             with sw.section("forward"):

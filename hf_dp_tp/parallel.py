@@ -411,11 +411,6 @@ def is_fsdp_mesh(mesh: DeviceMesh) -> bool:
     return any(dim in DP_DIMS for dim in (mesh.mesh_dim_names or ()))
 
 
-def dp_dims_of(mesh: DeviceMesh) -> tuple[str, ...]:
-    """The data-parallel dims of a parameter's mesh, in mesh order."""
-    return tuple(dim for dim in (mesh.mesh_dim_names or ()) if dim in DP_DIMS)
-
-
 def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
     """Classify a parameter as replicated or sharded on its TP mesh; reject anything else.
 

@@ -332,6 +332,13 @@ class DPTrainer(Trainer):
         return model.train()
 
     @property
+    def _fsdp(self) -> bool:
+        """Whether DPTrainer shards the model with FSDP over DP (``fsdp=...``, a
+        ``ParallelismConfig`` or accelerate's FSDP config): the clipped sums are then streamed per
+        micro-batch and the checkpoints hold per-rank model shards."""
+        return bool(getattr(self.args, "dp_fully_shard", False))
+
+    @property
     def replays_randomness(self) -> bool:
         """True when the Poisson/noise secret is reused across runs (a user-fixed ``dp_seed`` or a
         ``dp_secrets_file``): a resumed run then continues the same streams."""
@@ -445,7 +452,7 @@ class DPTrainer(Trainer):
             "per_sample_max_grad_norm": self.args.per_sample_max_grad_norm,
             "dp_size": self.mesh_info.dp_size,
             "tp_size": self.mesh_info.tp_size,
-            "dp_shard_size": self.mesh_info.dp_shard_size if self._sharded_checkpoints else 1,
+            "dp_shard_size": self.mesh_info.dp_shard_size if self._fsdp else 1,
             "dp_replicate_size": self.mesh_info.dp_replicate_size,
             "secure_mode": self.args.secure_mode,
             "not_covered": list(NOT_COVERED),
@@ -588,7 +595,7 @@ class DPTrainer(Trainer):
         self._check_same_batch_on_tp_peers(inputs)
         # FSDP: the clipped sums are reduce-scattered per micro-batch (held at 1/dp_shard), a
         # collective every DP rank joins after each micro-batch, empty ones included
-        stream = bool(getattr(self.args, "dp_fully_shard", False))
+        stream = self._fsdp
         if _batch_size(inputs) == 0:
             loss = torch.zeros((), device=self.args.device)
             if stream:
@@ -731,7 +738,7 @@ class DPTrainer(Trainer):
     @property
     def _rank_specific_optimizer_state(self) -> bool:
         """Whether ranks hold different optimizer-state shards (TP, or FSDP over DP)."""
-        return self.mesh_info.tp_size > 1 or getattr(self.args, "dp_fully_shard", False)
+        return self.mesh_info.tp_size > 1 or self._fsdp
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -756,17 +763,12 @@ class DPTrainer(Trainer):
                     "the files do not belong together. Resume from an untouched checkpoint."
                 )
 
-    @property
-    def _sharded_checkpoints(self) -> bool:
-        """Under FSDP the checkpoints hold the model as per-rank shards (no full gather)."""
-        return bool(getattr(self.args, "dp_fully_shard", False))
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As ``Trainer.save_model``: an ordinary, unsharded checkpoint ``from_pretrained`` loads
         in one process. Checkpoints of an FSDP run (``_internal_call``) hold the model as
         per-rank shards instead (``torch.distributed.checkpoint``, ``pytorch_model_fsdp_0/``),
         with its config: nothing is gathered onto one rank."""
-        if not (_internal_call and self._sharded_checkpoints):
+        if not (_internal_call and self._fsdp):
             super().save_model(output_dir, _internal_call)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
