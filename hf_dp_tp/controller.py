@@ -16,6 +16,7 @@ trainable parameters; :meth:`GradSampleControllerTP.cleanup` removes both.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -462,11 +463,12 @@ class GradSampleControllerTP:
         # A gradient that vanishes in exact arithmetic (a key bias: softmax ignores a shift shared
         # by all keys) is rounding dust on both sides: compare against at least sqrt(eps).
         floor = torch.finfo(acc).eps ** 0.5
-        largest = torch.maximum(grad.norm(), reduced.norm())
-        if largest.item() == 0:
-            return  # nothing to compare (e.g. a discarded stand-in pass): check a later one
-        scale = largest.clamp_min(floor)
-        error = ((grad - reduced).norm() / scale).item()
+        largest = torch.maximum(grad.norm(), reduced.norm()).item()
+        if largest == 0 or not math.isfinite(largest):
+            # nothing to compare (a discarded stand-in pass), or a record with a non-finite
+            # gradient (left out of the clipped sum, never flagged per step): check a later pass
+            return
+        error = ((grad - reduced).norm() / max(largest, floor)).item()
         # the coarsest precision involved sets the tolerance: bf16 parameters get bf16 autograd
         # gradients even when their per-sample gradients are kept in fp32
         tolerance = max(

@@ -124,18 +124,22 @@ class OuterProducts:
             return out.view(batch, self.rows, self.cols)
         return batched_products(self.left.transpose(1, 2), self.right, dtype)
 
-    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+    def weighted_sum(
+        self, weights: torch.Tensor, excluded: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``Σ_i w_i G_i`` ``[rows, cols]`` in at least fp32: one contraction over batch and
-        tokens (an ``index_add`` of rows for one-hot ``left``)."""
+        tokens (an ``index_add`` of rows for one-hot ``left``). ``excluded`` (bool ``[B]``):
+        samples whose factors are zeroed first, so that they add exactly zero even when they hold
+        NaN or inf (``0 · NaN`` would be NaN)."""
         dtype = _acc(self.dtype)
         w = weights.to(dtype).view(-1, 1, 1)
-        right = self.right.to(dtype) * w
+        right = _zero_rows(self.right.to(dtype), excluded) * w
         if self.is_index:
             keep = self.left >= 0
             out = torch.zeros(self.rows, self.cols, dtype=dtype, device=right.device)
             out.index_add_(0, self.left[keep], right[keep])
             return out
-        left = self.left.to(dtype)
+        left = _zero_rows(self.left.to(dtype), excluded)
         return left.flatten(0, 1).t() @ right.flatten(0, 1)
 
     def token_gram(self, other: OuterProducts, side: str, dtype: torch.dtype) -> torch.Tensor:
@@ -302,16 +306,21 @@ class FactoredGradSample:
         parts = [_generation_squared_norms(terms, self.shape) for terms in self.generations]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
-        """``Σ_i c_i g_i`` of the local shape, in at least fp32 (``factors`` is ``[B]``)."""
+    def clipped_sum(
+        self, factors: torch.Tensor, excluded: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``Σ_i c_i g_i`` of the local shape, in at least fp32 (``factors`` is ``[B]``);
+        samples flagged in ``excluded`` (bool ``[B]``) add exactly zero (:func:`clipped_sum_of`)."""
         dtype = _acc(self.dtype)
+        sizes = self.batch_sizes
+        masks = [None] * len(sizes) if excluded is None else excluded.split(sizes)
         total = None
-        for c, terms in zip(factors.split(self.batch_sizes), self.generations, strict=True):
+        for c, mask, terms in zip(factors.split(sizes), masks, self.generations, strict=True):
             for t in terms:
                 if isinstance(t, OuterProducts):
-                    part = t.weighted_sum(c).view(self.shape)
+                    part = t.weighted_sum(c, mask).view(self.shape)
                 else:
-                    part = torch.einsum("n,n...->...", c.to(dtype), t.to(dtype))
+                    part = _weighted_rows(t, c, mask, dtype)
                 total = part if total is None else total + part
         return total
 
@@ -344,12 +353,33 @@ def squared_norms_of(grad_sample: GradSample) -> torch.Tensor:
     return squared_norm_per_sample(grad_sample)
 
 
-def clipped_sum_of(grad_sample: GradSample, factors: torch.Tensor) -> torch.Tensor:
-    """``Σ_i c_i g_i`` (at least fp32) of materialised or factored per-sample gradients."""
+def _zero_rows(t: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
+    """``t`` ``[B, ...]`` with the rows flagged in ``excluded`` set to exactly zero (a select,
+    not a product: NaN and inf rows become 0 too)."""
+    if excluded is None:
+        return t
+    return torch.where(excluded.view(-1, *[1] * (t.ndim - 1)), t.new_zeros(()), t)
+
+
+def _weighted_rows(
+    t: torch.Tensor, weights: torch.Tensor, excluded: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``Σ_i w_i t_i`` in ``dtype``, the rows flagged in ``excluded`` left out exactly."""
+    return torch.einsum("n,n...->...", weights.to(dtype), _zero_rows(t.to(dtype), excluded))
+
+
+def clipped_sum_of(
+    grad_sample: GradSample, factors: torch.Tensor, excluded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Σ_i c_i g_i`` (at least fp32) of materialised or factored per-sample gradients.
+
+    ``excluded`` (bool ``[B]``, optional): samples that must add exactly zero whatever they hold
+    — a sample whose gradient is NaN or inf (contract, docs/usage.md: a non-finite per-sample
+    gradient contributes nothing). Their rows are selected away before the contraction, since a
+    zero factor alone would give ``0 · NaN = NaN``."""
     if isinstance(grad_sample, FactoredGradSample):
-        return grad_sample.clipped_sum(factors)
-    dtype = _acc(grad_sample.dtype)
-    return torch.einsum("n,n...->...", factors.to(dtype), grad_sample.to(dtype))
+        return grad_sample.clipped_sum(factors, excluded)
+    return _weighted_rows(grad_sample, factors, excluded, _acc(grad_sample.dtype))
 
 
 def sum_of(grad_sample: GradSample) -> torch.Tensor:

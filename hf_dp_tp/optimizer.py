@@ -188,6 +188,9 @@ class DPOptimizerTP(Optimizer):
         self.accumulated_micro_batches = 0
         self.last_per_sample_norms: torch.Tensor | None = None
         self.last_clip_factors: torch.Tensor | None = None
+        #: samples of this rank whose non-finite gradient was left out (TP peers count the same
+        #: samples); data-dependent, so reported once at the end of training, never per step
+        self.nonfinite_samples_zeroed = 0
         self.step_hooks: list[Callable[[DPOptimizerTP], None]] = []
         self._clipped_sums: dict[int, torch.Tensor] = {}
         self._scattered_sums: dict[int, torch.Tensor] = {}  # FSDP shards, streamed
@@ -285,13 +288,27 @@ class DPOptimizerTP(Optimizer):
         )
         factors = self.clip_factors(norms)
         self.last_per_sample_norms, self.last_clip_factors = norms, factors
-        self.accumulate_clipped(samples, factors, scatter=scatter)
+        self.accumulate_clipped(samples, factors, scatter=scatter, excluded=self._nonfinite(norms))
         self.accumulated_micro_batches += 1
 
     def clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
         """Contract rule 4 (docs/usage.md): ``c_i = min(1, C / (n_i + 1e-6))``, bit-identical on
-        every TP rank because ``norms`` are."""
-        return (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+        every TP rank because ``norms`` are; 0 for a sample whose norm is NaN or inf (its
+        gradient is left out of the clipped sum, :meth:`accumulate_clipped`)."""
+        factors = (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+        return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
+
+    def _nonfinite(self, norms: torch.Tensor) -> torch.Tensor | None:
+        """Samples whose per-sample gradient holds NaN or inf (their norm, all-reduced over TP,
+        is then non-finite on every TP rank alike), or None when there is none. They add exactly
+        zero to the clipped sum and training goes on: a record cannot date itself by destroying
+        the model (contract, docs/usage.md). Counted for the end-of-run report only
+        (:attr:`nonfinite_samples_zeroed`), never logged or raised per step."""
+        bad = ~torch.isfinite(norms)
+        if not bool(bad.any()):
+            return None
+        self.nonfinite_samples_zeroed += int(bad.sum())
+        return bad
 
     def accumulate_clipped(
         self,
@@ -299,10 +316,12 @@ class DPOptimizerTP(Optimizer):
         factors: torch.Tensor,
         *,
         scatter: bool = False,
+        excluded: torch.Tensor | None = None,
     ) -> None:
         """Contract rule 5 (docs/usage.md): add ``Σ_i c_i g_{p,i}`` (in at least fp32) to each
         parameter's running clipped sum and consume its ``grad_sample`` (materialised, or
         factored: then the sum is one contraction of its factors, :mod:`hf_dp_tp.ghost`).
+        Samples flagged in ``excluded`` (bool ``[B]``: non-finite gradients) add exactly zero.
         ``scatter``: large FSDP parameters' sums (zeros for those this rank's samples did not
         reach) are reduce-scattered over ``dp_shard`` one by one, in parameter order, and added
         to this rank's shard (:meth:`clip_and_accumulate`)."""
@@ -316,7 +335,7 @@ class DPOptimizerTP(Optimizer):
             if grad_sample is None:
                 clipped = self._zero_sum(p)
             else:
-                clipped = clipped_sum_of(grad_sample, factors).reshape(shape)
+                clipped = clipped_sum_of(grad_sample, factors, excluded).reshape(shape)
                 p.grad_sample = None
             if streamed:
                 self._add_to(self._scattered_sums, p, _shard_over_dp(clipped, p, reduce=True))

@@ -257,3 +257,20 @@ def seeded_uniform(n: int, seed: int) -> torch.Tensor:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(seed))
     return torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def reseed_global_rngs(group: dist.ProcessGroup | None = None) -> None:
+    """Seed the process-global RNGs (``random``, numpy, torch on the CPU and every CUDA device)
+    from a fresh ``os.urandom`` seed agreed by every rank of ``group`` (a collective when
+    distributed: TP peers must keep drawing the same dropout masks). DP-SGD's own randomness
+    never comes from these RNGs; this is for what does (dropout, collators): after it, their
+    state no longer depends on how many values the sampled batches consumed. The seed is not
+    kept or stored anywhere."""
+    import random
+
+    import numpy as np
+
+    seed = share_seed(None, group)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also every CUDA device

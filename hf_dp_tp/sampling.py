@@ -34,6 +34,7 @@ __all__ = [
     "DistributedPoissonBatchSampler",
     "build_poisson_data_loader",
     "collate_with_empty",
+    "stand_in_batch",
 ]
 
 _STATE_VERSION = 1
@@ -365,24 +366,47 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
 
 
 # ---------------------------------------------------------------------- collation
-def _empty_like(value: Any) -> Any:
-    """Slice every tensor in a (nested) collated batch to length 0 along dim 0."""
+def _map_leaves(value: Any, tensor_fn: Callable[[torch.Tensor, str], Any], other_fn, key=""):
+    """Apply ``tensor_fn(tensor, key)`` to every tensor and ``other_fn(leaf)`` to every other
+    leaf of a (nested) collated batch, keeping mappings, lists, tuples and namedtuples; ``key``
+    is the name of the innermost mapping entry the leaf sits under."""
     if isinstance(value, torch.Tensor):
-        return value[:0] if value.dim() > 0 else value
+        return tensor_fn(value, key)
     if isinstance(value, Mapping):
-        items = {k: _empty_like(v) for k, v in value.items()}
+        items = {k: _map_leaves(v, tensor_fn, other_fn, str(k)) for k, v in value.items()}
         try:
             return type(value)(items)
         except TypeError:
             return items
     if isinstance(value, tuple):
-        items_t = [_empty_like(v) for v in value]
+        items_t = [_map_leaves(v, tensor_fn, other_fn, key) for v in value]
         if hasattr(value, "_fields"):  # namedtuple
             return type(value)(*items_t)
         return tuple(items_t)
     if isinstance(value, list):
-        return [_empty_like(v) for v in value]
-    return value
+        return [_map_leaves(v, tensor_fn, other_fn, key) for v in value]
+    return other_fn(value)
+
+
+def _empty_like(value: Any) -> Any:
+    """Slice every tensor in a (nested) collated batch to length 0 along dim 0."""
+    return _map_leaves(value, lambda t, _: t[:0] if t.dim() > 0 else t, lambda leaf: leaf)
+
+
+def _constant_fill(t: torch.Tensor, key: str) -> torch.Tensor:
+    """A tensor of ``t``'s shape and dtype holding no value of ``t``: ones for attention-style
+    masks (a key containing ``"mask"``: every position attended, no empty row), zeros otherwise
+    (token id 0, label 0, zero features)."""
+    return torch.full_like(t, 1 if "mask" in key.lower() else 0)
+
+
+def stand_in_batch(template: Any) -> Any:
+    """A batch with the structure, keys, shapes and dtypes of ``template`` (a collated batch) and
+    none of its values: every tensor filled with a constant (:func:`_constant_fill`), every
+    non-tensor leaf replaced by None. FSDP's discarded pass for an empty micro-batch runs on it,
+    so that no record enters a forward pass that carries no record: forward passes have side
+    effects (buffers a module updates in train mode) that nothing clips or noises."""
+    return _map_leaves(template, _constant_fill, lambda leaf: None)
 
 
 class _EmptyAwareCollate:
@@ -396,6 +420,11 @@ class _EmptyAwareCollate:
         if len(samples) > 0:
             return self.collate_fn(samples)
         return _empty_like(self.collate_fn([self.dataset[0]]))
+
+    def stand_in(self) -> Any:
+        """A stand-in batch of one row that carries no record (:func:`stand_in_batch`): the
+        structure and shapes of ``dataset[0]`` as collated, none of its values."""
+        return stand_in_batch(self.collate_fn([self.dataset[0]]))
 
 
 def collate_with_empty(

@@ -66,7 +66,7 @@ from .parallel import (
     set_collective_timeout,
 )
 from .privacy_plan import LedgerError, PrivacyPlan, check_dataset_size, read_ledger
-from .randomness import share_key, share_seed
+from .randomness import reseed_global_rngs, share_key, share_seed
 from .sampling import DistributedPoissonBatchSampler, collate_with_empty
 
 logger = logging.get_logger(__name__)
@@ -110,6 +110,14 @@ def _destroy_process_group_at_exit() -> None:
 
 def _no_gather(tensors, *args, **kwargs):
     return tensors
+
+
+def _finite_mean(losses: torch.Tensor) -> torch.Tensor:
+    """The mean of the finite per-sample losses over the whole micro-batch (what is logged): a
+    record with a NaN or inf loss is left out of the update, and must not mark the logged loss
+    of the step that sampled it either."""
+    finite = torch.where(torch.isfinite(losses), losses, torch.zeros_like(losses))
+    return finite.sum() / max(losses.shape[0], 1)
 
 
 def _batch_size(inputs: Mapping[str, Any]) -> int:
@@ -273,6 +281,8 @@ class DPTrainer(Trainer):
         self._ledger_to_restore: dict[str, Any] | None = None
         self._batch_sampler: DistributedPoissonBatchSampler | None = None
         self._train_collate = None  # the training loader's collate (stand-in batches, FSDP)
+        self._stand_in: dict[str, Any] | None = None
+        self._nonfinite_samples_zeroed: int | None = None  # counted at the end of train()
         self._flops_per_micro_batch: float | None = None
         self.add_callback(_PrivacyCallback(self))
 
@@ -455,6 +465,7 @@ class DPTrainer(Trainer):
             "dp_shard_size": self.mesh_info.dp_shard_size if self._fsdp else 1,
             "dp_replicate_size": self.mesh_info.dp_replicate_size,
             "secure_mode": self.args.secure_mode,
+            "nonfinite_gradients_zeroed": self._nonfinite_samples_zeroed,
             "not_covered": list(NOT_COVERED),
         }
 
@@ -605,22 +616,25 @@ class DPTrainer(Trainer):
             with self.compute_loss_context_manager():
                 losses, _ = self.per_sample_loss(model, inputs)
             self.grad_sample_controller.check_batch_size(losses.shape[0])
-            loss = losses.mean()
-            self.accelerator.backward(loss)
+            self.accelerator.backward(losses.mean())
             if stream:
                 self._dp_optimizer.clip_and_accumulate(scatter=True)
             else:
                 self._dp_optimizer.clip_and_accumulate()
-        return loss.detach() / self.current_gradient_accumulation_steps
+            loss = _finite_mean(losses.detach())
+        return loss / self.current_gradient_accumulation_steps
 
     def _run_discarded_stand_in(self, model: nn.Module) -> None:
         """Under FSDP every DP rank must run each micro-batch's forward and backward (FSDP's
         all-gathers are collectives of the DP group), an empty Poisson micro-batch included: run
-        them on a stand-in (the training set's first record, collated) and discard everything —
-        the loss is multiplied by 0, the per-sample gradients are dropped before clipping and the
-        raw gradients are dropped by the controller, so nothing of it reaches the update."""
-        collate = self._train_collate
-        stand_in = self._prepare_inputs(collate.collate_fn([collate.dataset[0]]))
+        them on a synthetic stand-in that carries no record (the shapes of the first training
+        record as collated, constant values: :func:`~hf_dp_tp.sampling.stand_in_batch`) and
+        discard everything — the loss is multiplied by 0, the per-sample gradients are dropped
+        before clipping and the raw gradients are dropped by the controller, so nothing of it
+        reaches the update."""
+        if self._stand_in is None:
+            self._stand_in = self._train_collate.stand_in()
+        stand_in = self._prepare_inputs(self._stand_in)
         with self.compute_loss_context_manager():
             losses, _ = self.per_sample_loss(model, stand_in)
         self.accelerator.backward(losses.sum() * 0.0)
@@ -684,8 +698,25 @@ class DPTrainer(Trainer):
                 f"would exceed target_epsilon={plan.target_epsilon}: nothing left to train."
             )
         output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._nonfinite_samples_zeroed = self._count_nonfinite_samples()
+        # dropout & co. advanced the global RNGs by the realised batch sizes: whatever runs after
+        # training (sampling from the model, another run in this process) draws from fresh state
+        reseed_global_rngs()
         self._write_privacy_report()
         return output
+
+    def _count_nonfinite_samples(self) -> int:
+        """Sampled records whose per-sample gradient was non-finite and left out, over the whole
+        ``train()`` call and every rank (a collective). Data-dependent and outside the (ε, δ)
+        claim: it is only ever reported at the end of training, never per step or in a
+        checkpoint, where its change between two steps would date the record."""
+        local = self._dp_optimizer.nonfinite_samples_zeroed if self._dp_optimizer else 0
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return local
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        count = torch.tensor([float(local)], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        return round(count.item() / self.mesh_info.tp_size)  # TP peers count the same samples
 
     def _write_privacy_report(self) -> None:
         report = self.privacy_report()
@@ -726,6 +757,19 @@ class DPTrainer(Trainer):
         )
         if self.args.should_save:
             write_ledger(output_dir, self.ledger())
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Trainer stores the global RNG states in every checkpoint; dropout (and any collator
+        # that draws) advances them by the realised batch sizes, so two consecutive states give
+        # those sizes away (replay each candidate size). Nothing is stored (docs/usage.md,
+        # "What is at rest").
+        return None
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # No RNG state is stored (see _save_rng_state): a resumed run draws its dropout from
+        # fresh state, agreed by every rank (TP peers need the same dropout masks).
+        if checkpoint is not None:
+            reseed_global_rngs()
 
     @contextmanager
     def _defer_fsdp_gradient_reduction(self) -> Iterator[None]:

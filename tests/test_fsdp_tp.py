@@ -92,6 +92,21 @@ def _run_variant(name: str, tmp: str, tp_size: int, mode: str, variant: str, rep
         model, controller.mesh, clip=clip, expected_batch=BATCH
     )
     rows = slice(dp_rank, None, dp_size)
+    clean = torch.ones(BATCH, dtype=torch.bool)
+    if variant == "nonfinite":
+        # the last two records get a NaN and an inf loss: each must add exactly nothing
+        # (contract: a non-finite per-sample gradient contributes zero), B̄ unchanged
+        poison = torch.ones(BATCH, dtype=torch.float64)
+        poison[-2:] = torch.tensor([math.nan, math.inf])
+        clean = poison == 1
+        expected = models.reference_dp_update(
+            {k: g[clean] for k, g in grads.items()}, norms[clean], clip, BATCH
+        )
+        plain_loss_fn = loss_fn
+
+        def loss_fn(model, part, poison=poison[rows]):  # noqa: F811 - the poisoned loss
+            return plain_loss_fn(model, part) * poison
+
     share = {k: v[rows] for k, v in batch.items()}
     held_fraction = None
     if variant in ("stream", "stream_late"):
@@ -134,13 +149,19 @@ def _run_variant(name: str, tmp: str, tp_size: int, mode: str, variant: str, rep
     reduced_by_fsdp = [n for n, p in model.named_parameters() if p.grad is not None]
     optimizer.step()
     after = models.full_params(model)
-    ref_norms = norms[rows]
+    positions, kept = torch.arange(len(clean))[rows], clean[rows]
+    if variant == "nonfinite":
+        all_checked = True  # its only backward holds NaN: the self-check waits for a later one
+        zeroed = (~kept).sum().item()
+        assert optimizer.nonfinite_samples_zeroed == zeroed, optimizer.nonfinite_samples_zeroed
+        got_norms = got_norms[kept]
+    ref_norms = norms[positions[kept]]
     norm_err = ((got_norms.double() - ref_norms).abs().max() / ref_norms.max()).item()
     update_err = 0.0
     for key, ref_update in expected.items():
         applied = (before[key] - after[key]).double()
         err = (applied - ref_update).abs().max() / ref_update.abs().max().clamp_min(1e-12)
-        update_err = max(update_err, err.item())
+        update_err = max(update_err, err.item()) if torch.isfinite(err) else math.inf
     controller.cleanup()
     return {
         "norm_err": norm_err,
@@ -160,6 +181,8 @@ ALL_MODES = (
     "tp+scatter",
     "ghost+stream",
     "tp+stream_late",
+    "tp+nonfinite",
+    "ghost+nonfinite",
 )
 
 
