@@ -34,9 +34,7 @@ def _dataset():
     from datasets import Dataset
 
     records = models.markov_records(N, SEQ, vocab=64, seed=4)
-    records["poison"] = [
-        1 if i == NAN_RECORD else 2 if i == INF_RECORD else 0 for i in range(N)
-    ]
+    records["poison"] = [1 if i == NAN_RECORD else 2 if i == INF_RECORD else 0 for i in range(N)]
     return Dataset.from_dict(records)
 
 
