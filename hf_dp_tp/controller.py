@@ -285,6 +285,8 @@ class GradSampleControllerTP:
         self._self_check_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._self_checked: set[int] = set()
         self._partial_over_tp: set[int] = set()
+        self._detached: dict[int, list[nn.Parameter]] = {}  # module id -> params switched off
+        self._skipped_this_pass: set[int] = set()  # params whose weight gradient is skipped
         self._unsharded: dict[int, torch.Tensor] = {}  # FSDP: sharded param id -> unsharded
         self._fsdp_grad_hooks: set[int] = set()  # unsharded stand-ins whose grad is dropped
         try:
@@ -337,8 +339,14 @@ class GradSampleControllerTP:
             info = _HookedModule(name, module, sampler, params, layouts, partial_over_tp)
             self._hooked.append(info)
             self._handles.append(
+                module.register_forward_pre_hook(partial(self._skip_weight_gradients, info))
+            )
+            self._handles.append(
                 module.register_forward_hook(
-                    partial(self._forward_hook, info), with_kwargs=True, prepend=True
+                    partial(self._forward_hook, info),
+                    with_kwargs=True,
+                    prepend=True,
+                    always_call=True,
                 )
             )
         self._handles.append(
@@ -488,6 +496,7 @@ class GradSampleControllerTP:
     def _new_generation(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._generation += 1
         self._seen_batch_sizes = set()
+        self._skipped_this_pass = set()
         for key in self._self_checked:
             unsharded = self._unsharded.get(key)
             for handle_key in (key, None if unsharded is None else id(unsharded)):
@@ -509,20 +518,32 @@ class GradSampleControllerTP:
         step with a zero clipped sum and no place in the norm."""
         if not self.hooks_enabled:
             return
-        if not self._sampled_since_grad.get(id(param), False):
-            names = [
-                f"{info.name}.{n}"
-                for info in self._hooked
-                for n, p in info.params.items()
-                if p is param
-            ]
+        if id(param) in self._skipped_this_pass:
+            # its module's own use records no weight gradient (_skip_weight_gradients): this one
+            # comes from a use outside that module, which its per-sample gradient misses
             raise RuntimeError(
-                f"parameter {names[0] if names else '?'} received a gradient without a per-sample "
+                f"parameter {self._name_of(param)} received a gradient from a use outside its "
+                "module's forward (e.g. a weight reused through torch.nn.functional): its "
+                "per-sample gradient would miss that use. Refusing to train with a wrong "
+                "per-sample norm."
+            )
+        if not self._sampled_since_grad.get(id(param), False):
+            raise RuntimeError(
+                f"parameter {self._name_of(param)} received a gradient without a per-sample "
                 "gradient: its module did not run in train() mode with the hooks active, or its "
                 "output is not a single tensor. Put the whole model in train() mode (or freeze the "
                 "module), and run evaluation under torch.no_grad() or controller.hooks_disabled()."
             )
         self._sampled_since_grad[id(param)] = False
+
+    def _name_of(self, param: torch.Tensor) -> str:
+        names = [
+            f"{info.name}.{n}"
+            for info in self._hooked
+            for n, p in info.params.items()
+            if p is param
+        ]
+        return names[0] if names else "?"
 
     def _drop_unsharded_grad(self, param: nn.Parameter, unsharded: torch.Tensor) -> None:
         """After autograd accumulates the non-private gradient into FSDP's unsharded stand-in of
@@ -535,12 +556,48 @@ class GradSampleControllerTP:
         self._check_sampled(param)
         unsharded.grad = None
 
+    def _skip_weight_gradients(self, info: _HookedModule, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: while this module runs, its self-checked parameters do not require
+        grad, so autograd records no weight gradient for this use of them — the gradient DP-SGD
+        uses is computed from the module's activations and output gradients (per-sample, or
+        ghost factors), and autograd's would be thrown away: skipping it saves a GEMM per layer
+        (the weight gradient) in the backward pass. Parameters are restored at the end of the
+        module's forward (:meth:`_forward_hook`, also on an exception). Not for the first
+        backward of a parameter (the self-check compares against autograd's gradient), nor for
+        parameters FSDP swaps for unsharded stand-ins, nor with the hooks disabled."""
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
+            return
+        off = [
+            p
+            for n, p in info.params.items()
+            if id(p) in self._self_checked and p.requires_grad and module._parameters.get(n) is p
+        ]
+        for p in off:
+            p.requires_grad_(False)
+            self._skipped_this_pass.add(id(p))
+        if off:
+            self._detached[id(module)] = off
+
     def _forward_hook(
         self, info: _HookedModule, module: nn.Module, args: tuple, kwargs: dict, output
     ) -> None:
+        detached = self._detached.pop(id(module), None)
+        if detached:
+            for p in detached:
+                p.requires_grad_(True)
+            if isinstance(output, torch.Tensor) and not output.requires_grad:
+                # no input required grad (e.g. token ids into an embedding): the output is a
+                # leaf; the backward must still reach it for the per-sample gradients
+                output.requires_grad_(True)
         if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
             return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if detached:
+                raise RuntimeError(
+                    f"module '{info.name}': its output is not a tensor that autograd can reach, "
+                    "so its parameters get no per-sample gradient. Hooked modules must return a "
+                    "single tensor."
+                )
             return None
         for name, param in info.params.items():
             current = module._parameters.get(name)
