@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"after {privacy['steps']} steps (σ = {privacy['noise_multiplier']:.3f}, "
             f"q = {privacy['sample_rate']:.4f}, C = {privacy['per_sample_max_grad_norm']}, "
             f"{privacy['accountant']} accountant)\n"
+            "the training loss in the logs above is computed on the training records without "
+            "noise: it is not covered by the DP guarantee (privacy_report.json lists what is not)\n"
             f"model, tokenizer and privacy_report.json saved to {summary['saved_to']}"
         )
         if note is not None:

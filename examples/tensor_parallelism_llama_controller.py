@@ -20,7 +20,14 @@ What this example demonstrates:
   is the mean of those over samples (never the token mean over the whole batch, which mixes
   samples and breaks the per-sample sensitivity); an empty Poisson batch still takes a step;
 - ``model.train()`` after ``from_pretrained`` (which returns the model in eval mode, where the
-  per-sample hooks do not fire), explicit batch-shaped ``position_ids``, and ε per step.
+  per-sample hooks do not fire), explicit batch-shaped ``position_ids``, and ε per step;
+- what a DP run may print: ε and the loss on held-out sequences, never the realised (Poisson)
+  batch sizes or the loss on the training batches, which the guarantee does not cover.
+
+The Poisson batches and the noise come from fresh secrets that all ranks agree on at start-up
+(the library's default; ``--secure_mode`` for OS-CSPRNG noise and keyed masks): ``--seed`` only
+fixes the built model's initialisation and the synthetic data. ``--dp_seed N`` fixes them too,
+for reproducibility tests only: it makes every batch and the noise public.
 
 The data are token sequences drawn from a fixed random Markov chain (each token has a few
 allowed successors) by an explicit ``torch.Generator``: learnable, so the loss visibly drops.
@@ -51,6 +58,7 @@ import argparse
 import math
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -61,7 +69,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from hf_dp_tp import PrivacyEngineGradSampleController, init_dp_tp_mesh
+from hf_dp_tp import GradSampleControllerTP, PrivacyEngineGradSampleController, init_dp_tp_mesh
 from hf_dp_tp.parallel import (
     apply_tp_plan,
     destroy_process_groups,
@@ -72,7 +80,7 @@ from hf_dp_tp.parallel import (
 )
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -109,13 +117,25 @@ def parse_args() -> argparse.Namespace:
         help="per-sample gradients ('tp') or ghost clipping ('ghost')",
     )
     data = parser.add_argument_group("data and training")
-    data.add_argument("--num_samples", type=int, default=4096, help="synthetic dataset size")
+    data.add_argument("--num_samples", type=int, default=4096, help="training sequences")
+    data.add_argument("--num_eval", type=int, default=256, help="held-out sequences")
+    data.add_argument(
+        "--eval_steps",
+        type=int,
+        default=20,
+        help="held-out loss every this many steps (0: at the end)",
+    )
     data.add_argument("--seq_len", type=int, default=32)
     data.add_argument("--batch_size", type=int, default=128, help="expected batch per DP rank")
     data.add_argument("--epochs", type=int, default=1)
     data.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides epochs)")
     data.add_argument("--lr", type=float, default=1e-2)
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="built model's initialisation and synthetic data (public)",
+    )
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument("--sigma", type=float, default=0.8, help="noise multiplier σ")
     privacy.add_argument("--clip", type=float, default=1.0, help="per-sample clip norm C")
@@ -126,7 +146,32 @@ def parse_args() -> argparse.Namespace:
     privacy.add_argument(
         "--secure_mode", action="store_true", help="OS-CSPRNG noise and keyed Poisson masks"
     )
-    return parser.parse_args()
+    privacy.add_argument(
+        "--dp_seed",
+        type=int,
+        default=None,
+        help="fix the seed of the Poisson batches and the noise, for reproducibility tests only: "
+        "whoever knows it rebuilds every batch and subtracts the noise. Default: fresh secrets "
+        "from os.urandom, agreed by all ranks",
+    )
+    return parser.parse_args(argv)
+
+
+def dp_randomness(args: argparse.Namespace, rank: int) -> dict[str, int]:
+    """The seeds ``make_private`` gets: none by default (fresh secrets, the library's default);
+    ``--dp_seed`` only behind a loud warning. ``--seed`` never reaches the sampler or the noise."""
+    if args.dp_seed is None:
+        return {}
+    if args.secure_mode:
+        raise SystemExit("--secure_mode draws its randomness from the OS: drop --dp_seed")
+    if rank == 0:
+        warnings.warn(
+            f"--dp_seed {args.dp_seed}: the Poisson batches and the noise of this run are PUBLIC "
+            "(anyone who knows the seed rebuilds every batch and subtracts the noise). Use it "
+            "for reproducibility tests only, never on private data.",
+            stacklevel=2,
+        )
+    return {"sampling_seed": args.dp_seed, "noise_seed": args.dp_seed}
 
 
 def build_llama(args: argparse.Namespace, path: str) -> None:
@@ -166,16 +211,20 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
-def markov_dataset(args: argparse.Namespace, vocab_size: int) -> TensorDataset:
-    """``num_samples`` sequences of a random Markov chain with 4 successors per token."""
+def markov_datasets(
+    args: argparse.Namespace, vocab_size: int
+) -> tuple[TensorDataset, torch.Tensor]:
+    """``num_samples`` training and ``num_eval`` held-out sequences of a random Markov chain with
+    4 successors per token."""
     gen = torch.Generator().manual_seed(args.seed + 1)
     successors = torch.randint(0, vocab_size, (vocab_size, 4), generator=gen)
-    tokens = torch.empty(args.num_samples, args.seq_len, dtype=torch.long)
-    tokens[:, 0] = torch.randint(0, vocab_size, (args.num_samples,), generator=gen)
+    total = args.num_samples + args.num_eval
+    tokens = torch.empty(total, args.seq_len, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab_size, (total,), generator=gen)
     for t in range(1, args.seq_len):
-        choice = torch.randint(0, 4, (args.num_samples,), generator=gen)
+        choice = torch.randint(0, 4, (total,), generator=gen)
         tokens[:, t] = successors[tokens[:, t - 1], choice]
-    return TensorDataset(tokens)
+    return TensorDataset(tokens[: args.num_samples]), tokens[args.num_samples :]
 
 
 def per_sample_losses(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -193,6 +242,24 @@ def per_sample_losses(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.
     return per_token.view(targets.shape).mean(dim=1)
 
 
+def held_out_loss(
+    model: torch.nn.Module,
+    controller: GradSampleControllerTP,
+    held_out: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 64,
+) -> float:
+    """Mean loss on the held-out sequences: no per-sample gradients, no noise. Every rank runs it
+    on the same sequences (the TP and FSDP collectives)."""
+    model.eval()
+    total = 0.0
+    with controller.hooks_disabled(), torch.no_grad():
+        for chunk in held_out.split(batch_size):
+            total += per_sample_losses(model, chunk.to(device)).sum().item()
+    model.train()
+    return total / max(1, len(held_out))
+
+
 def main() -> None:
     args = parse_args()
     device = init_distributed()
@@ -206,7 +273,6 @@ def main() -> None:
         raise SystemExit("--dp_replicate_size needs --fsdp (HSDP replicates sharded groups)")
     mesh = init_dp_tp_mesh(args.tp_size, dp_replicate_size=args.dp_replicate_size)
     dp_mesh = dim_mesh(mesh, "dp")  # every rank that draws its own part of the batch
-    dp_group = dp_mesh.get_group()
 
     model = load_model(args)
     model.config.use_cache = False
@@ -217,12 +283,9 @@ def main() -> None:
         fully_shard_over_dp(model, mesh)
     model.train()  # from_pretrained returns eval mode, where the per-sample hooks stay silent
 
-    dataset = markov_dataset(args, model.config.vocab_size)
+    dataset, held_out = markov_datasets(args, model.config.vocab_size)
 
     engine = PrivacyEngineGradSampleController(accountant="prv", secure_mode=args.secure_mode)
-    seeds = (
-        {} if args.secure_mode else {"sampling_seed": args.seed + 2, "noise_seed": args.seed + 3}
-    )
     common = dict(
         module=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0),
@@ -231,7 +294,7 @@ def main() -> None:
         grad_sample_mode=args.grad_sample_mode,
         poisson_sampling=True,
         device_mesh=mesh,
-        **seeds,
+        **dp_randomness(args, rank),
     )
     if args.target_epsilon is None:
         controller, optimizer, loader = engine.make_private(noise_multiplier=args.sigma, **common)
@@ -248,51 +311,54 @@ def main() -> None:
             f"{f'replicas={args.dp_replicate_size} ' if args.dp_replicate_size > 1 else ''}"
             f"plan={args.plan} mode={args.grad_sample_mode} device={device} "
             f"dtype={next(model.parameters()).dtype} "
-            f"params={trainable} N={len(dataset)} q={engine.sample_rate:.4f} "
+            f"params={trainable} N={len(dataset)} held-out={len(held_out)} "
+            f"q={engine.sample_rate:.4f} "
             f"steps={total_steps} σ={optimizer.noise_multiplier:.3f} C={args.clip}"
         )
 
+    def report_held_out(when: str) -> float:
+        loss = held_out_loss(model, controller, held_out, device)
+        if rank == 0:
+            print(f"{when} | held-out loss {loss:.4f}")
+        return loss
+
+    report_held_out("before training")
     start, step = time.perf_counter(), 0
     for _ in range(math.ceil(total_steps / len(loader))):
         for (input_ids,) in loader:
             if len(input_ids) > 0:
                 losses = per_sample_losses(model, input_ids.to(device))
                 losses.mean().backward()  # the mean over samples (loss_reduction="mean")
-            else:
-                # An empty Poisson batch. HF Llama cannot run a batch of 0 (its attention
-                # reshapes with -1), but every TP peer received the same empty batch, so they
-                # all skip forward/backward together and no TP collective is left unmatched.
-                # The step itself must still run on every rank: noise on a zero sum, the DP
-                # all-reduce and one accountant step.
-                losses = torch.zeros(0, device=device)
-                if args.fsdp:
-                    # FSDP's all-gathers are DP collectives: run a stand-in record's forward
-                    # and backward and discard everything (zero loss, per-sample grads dropped)
-                    stand_in = dataset[0][0].unsqueeze(0).to(device)
-                    (per_sample_losses(model, stand_in) * 0.0).sum().backward()
-                    controller.zero_grad_sample()
+            # Otherwise an empty Poisson batch. HF Llama cannot run a batch of 0 (its attention
+            # reshapes with -1), but every TP peer received the same empty batch, so they all
+            # skip forward/backward together and no TP collective is left unmatched. The step
+            # itself must still run on every rank: noise on a zero sum, the DP all-reduce and
+            # one accountant step.
+            elif args.fsdp:
+                # FSDP's all-gathers are DP collectives: run a stand-in record's forward and
+                # backward and discard everything (zero loss, per-sample grads dropped)
+                stand_in = dataset[0][0].unsqueeze(0).to(device)
+                (per_sample_losses(model, stand_in) * 0.0).sum().backward()
+                controller.zero_grad_sample()
             optimizer.step()
             optimizer.zero_grad()
             step += 1
-
-            stats = torch.stack([losses.detach().sum(), losses.new_tensor(float(len(losses)))])
-            dist.all_reduce(stats, group=dp_group)  # the whole logical batch, for the log
+            # ε only: the realised batch size and the loss on it are private (not covered by ε)
             epsilon = engine.get_epsilon(args.delta)
             if rank == 0:
-                count = int(stats[1])
-                shown = f"{(stats[0] / count).item():.4f}" if count else "(empty)"
-                print(
-                    f"step {step:3d}/{total_steps} | batch {count:3d} | loss {shown} | "
-                    f"ε {epsilon:.3f} (δ={args.delta:g})"
-                )
+                print(f"step {step:3d}/{total_steps} | ε {epsilon:.3f} (δ={args.delta:g})")
+            if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
+                report_held_out(f"step {step:3d}/{total_steps}")
             if step == total_steps:
                 break
 
+    final = report_held_out("after training")
     if rank == 0:
         print(
             f"done: {step} steps in {time.perf_counter() - start:.1f}s, "
-            f"ε = {engine.get_epsilon(args.delta):.3f} at δ = {args.delta:g} "
-            f"(uniform-guess loss {math.log(model.config.vocab_size):.3f}, best {math.log(4):.3f})"
+            f"ε = {engine.get_epsilon(args.delta):.3f} at δ = {args.delta:g}, held-out loss "
+            f"{final:.4f} (uniform-guess loss {math.log(model.config.vocab_size):.3f}, best "
+            f"{math.log(4):.3f})"
         )
     controller.cleanup()
     destroy_process_groups()

@@ -5,12 +5,14 @@ Every field has ``metadata={"help": ...}``, so ``HfArgumentParser`` exposes it o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -46,6 +48,9 @@ def warn_at_caller(message: str) -> None:
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
 
+
+#: Marks a pickled state whose user-fixed ``dp_seed`` was withheld (see ``__getstate__``).
+_SEED_WITHHELD = "_dp_seed_withheld"
 
 #: Trainer settings of the training loader that DPTrainer's Poisson loader replaces, with why.
 IGNORED_LOADER_SETTINGS = {
@@ -358,6 +363,13 @@ class DPTrainingArguments(TrainingArguments):
         fsdp = sizes["dp_shard_size"] > 1
         return sizes["dp_replicate_size"], fsdp, sizes["dp_replicate_size"] * sizes["dp_shard_size"]
 
+    # ------------------------------------------------------------------ representations
+    # A user-fixed ``dp_seed`` lets anyone subtract the noise and rebuild every batch, so no
+    # representation of the arguments holds it: ``to_dict`` (and with it ``to_json_string``,
+    # ``to_sanitized_dict``, loggers, ``trainer_state.json``), ``str``/``repr``, and pickles
+    # (``torch.save(args)``: every ``training_args.bin`` Trainer writes or pushes to the Hub).
+    # Only the live object (and its in-memory copies) holds it, for the run itself.
+
     def to_dict(self) -> dict:
         """As ``TrainingArguments.to_dict``, with torch ``ParallelStyle`` objects of a dict
         ``tp_plan`` written as their ``repr`` (so logging integrations can serialise it) and a
@@ -370,6 +382,48 @@ class DPTrainingArguments(TrainingArguments):
                 for key, style in out["tp_plan"].items()
             }
         return out
+
+    def __str__(self) -> str:
+        """Every argument as ``to_dict`` gives it (a user-fixed ``dp_seed`` redacted), one per
+        line: what scripts log first (``logger.info(f"{training_args}")``)."""
+        shown = "".join(f"{key}={value},\n" for key, value in sorted(self.to_dict().items()))
+        return f"{type(self).__name__}(\n{shown})"
+
+    __repr__ = __str__
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The pickled state, without a user-fixed ``dp_seed``: ``torch.save(args)`` (Trainer's
+        ``training_args.bin`` in checkpoints, ``output_dir`` and Hub pushes) never stores it.
+        Unpickled arguments have ``dp_seed=None`` (a fresh secret seed): a run that is to
+        replay a fixed seed must be given it again."""
+        state = dict(self.__dict__)
+        if state.get("dp_seed") is not None:
+            state["dp_seed"] = None
+            state[_SEED_WITHHELD] = True
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        withheld = state.pop(_SEED_WITHHELD, False)
+        self.__dict__.update(state)
+        if withheld:
+            warn_at_caller(
+                "these DPTrainingArguments were saved with a user-fixed dp_seed, which is never "
+                "stored: here dp_seed is None (a fresh secret seed is drawn). Set dp_seed again "
+                "to replay the run's batches and noise."
+            )
+
+    def __copy__(self) -> DPTrainingArguments:
+        """An in-memory copy keeps ``dp_seed`` (only what leaves the process is redacted)."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DPTrainingArguments:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def _validate_privacy_settings(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):

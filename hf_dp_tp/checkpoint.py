@@ -7,8 +7,9 @@ What is at rest matters for privacy (docs/usage.md, "Checkpointing the privacy l
   a key or a generator state from which the noise or the Poisson batches could be rebuilt;
 - optimizer state is loaded with ``weights_only=True`` (a checkpoint cannot run code);
 - the only file that may hold a secret is the *secrets file* a user asks for explicitly to replay
-  a run bit for bit. It must lie outside ``output_dir`` (which ``push_to_hub`` uploads) and is
-  created with mode 0600.
+  a run bit for bit. It must lie outside ``output_dir`` (which ``push_to_hub`` uploads), is
+  created with mode 0600, and is read back only when it is still private (owned by the user,
+  no group/other access), as ssh treats a private key.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import warnings
 from typing import Any
 
@@ -160,23 +162,94 @@ def check_secrets_file_location(path: str, output_dir: str | None) -> None:
         )
 
 
+def _refuse_secrets_file(path: str, problem: str, *, fix: str | None = None) -> ValueError:
+    fix = fix or (
+        f"If you wrote it yourself, make it yours and private (chown $USER {path}; chmod 600 "
+        f"{path}); otherwise delete it, and a fresh secret is drawn (and stored there, mode 0600)"
+    )
+    return ValueError(
+        f"refusing to use dp_secrets_file {path}: {problem}. Whoever could write it chose this "
+        "run's Poisson batches and noise, and whoever could read it can subtract the noise. "
+        f"{fix}."
+    )
+
+
+def _check_private(path: str, info: os.stat_result, what: str) -> None:
+    """``info`` (of ``path`` or of the file it links to) must be owned by this user and neither
+    readable nor writable by group or others, as ssh demands of a private key."""
+    uid = os.getuid()
+    if info.st_uid != uid:
+        raise _refuse_secrets_file(
+            path, f"{what} is owned by uid {info.st_uid}, not by you ({uid})"
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if what != "the symlink" and mode & 0o077:  # a symlink's own mode means nothing
+        raise _refuse_secrets_file(
+            path, f"{what} has mode {mode:04o}: group or others can read or write it"
+        )
+
+
+def _degenerate(secret: int | bytes) -> bool:
+    """A key whose bytes are all equal (all zeros, say), or a seed of 0: never drawn from
+    ``os.urandom`` in practice, typical of a hand-written or planted file."""
+    if isinstance(secret, bytes):
+        return len(set(secret)) <= 1
+    return secret == 0
+
+
 def read_secrets_file(path: str, *, secure_mode: bool) -> int | bytes | None:
-    """The seed (seeded mode) or key (secure mode) stored in ``path``; None if it does not exist."""
-    if not os.path.exists(path):
-        return None
+    """The seed (seeded mode) or key (secure mode) stored in ``path``; None if it does not exist.
+
+    The file is trusted only as ssh trusts a private key: it (and, for a symlink, the link
+    itself) must be owned by the current user, and the file must be a regular file not readable
+    or writable by group or others (mode ``0600`` or stricter). The checks are made on the open
+    file, so what is checked is what is read. A key of identical bytes (e.g. all zeros) or a
+    seed of 0 is refused too. Otherwise a ``ValueError`` says what is wrong and how to fix it
+    (``chmod 600``, or delete the file to draw fresh secrets).
+    """
     try:
-        with open(path) as f:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(link.st_mode):
+        _check_private(path, link, "the symlink")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise _refuse_secrets_file(path, "it is a symlink to a missing file") from None
+    except OSError as err:
+        raise ValueError(f"dp_secrets_file {path} is unreadable ({err}).") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _refuse_secrets_file(path, "it is not a regular file")
+        _check_private(path, info, "the file it links to" if stat.S_ISLNK(link.st_mode) else "it")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd) as f:
+        try:
             data = json.load(f)
-        mode = data["mode"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"dp_secrets_file {path} is unreadable or corrupt ({err}).") from None
+            mode = data["mode"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"dp_secrets_file {path} is unreadable or corrupt ({err}).") from None
     expected = "secure" if secure_mode else "seeded"
     if mode != expected:
         raise ValueError(
             f"dp_secrets_file {path} holds a {mode!r} secret but this run is {expected!r} "
             "(secure_mode must match the run that wrote it)."
         )
-    return bytes.fromhex(data["key"]) if secure_mode else int(data["seed"])
+    try:
+        secret: int | bytes = bytes.fromhex(data["key"]) if secure_mode else int(data["seed"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"dp_secrets_file {path} is unreadable or corrupt ({err}).") from None
+    if _degenerate(secret):
+        raise _refuse_secrets_file(
+            path,
+            "its secret is degenerate (all bytes equal, or a seed of 0), never a drawn one",
+            fix="Delete it, and a fresh secret is drawn (and stored there, mode 0600)",
+        )
+    return secret
 
 
 def write_secrets_file(path: str, secret: int | bytes) -> None:

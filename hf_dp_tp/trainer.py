@@ -158,16 +158,6 @@ class _PrivacyCallback(TrainerCallback):
         return control
 
 
-@contextmanager
-def _without_user_seed(args: DPTrainingArguments) -> Iterator[None]:
-    """Keep a user-fixed ``dp_seed`` out of ``training_args.bin`` while Trainer writes it."""
-    seed, args.dp_seed = args.dp_seed, None
-    try:
-        yield
-    finally:
-        args.dp_seed = seed
-
-
 def _dp_replicate_size(args: DPTrainingArguments) -> int:
     """HSDP's number of replicas for this launch (1: no HSDP); checks a ``ParallelismConfig``'s
     sizes against the world size."""
@@ -821,8 +811,7 @@ class DPTrainer(Trainer):
             config = getattr(self.model, "config", None)
             if config is not None and hasattr(config, "save_pretrained"):
                 config.save_pretrained(output_dir)
-            with _without_user_seed(self.args):
-                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
@@ -847,11 +836,8 @@ class DPTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """An ordinary, unsharded checkpoint that ``from_pretrained`` loads in one process (its
-        ``training_args.bin`` without a user-fixed ``dp_seed``)."""
-        with _without_user_seed(self.args):
-            self._save_unsharded(output_dir, state_dict)
-
-    def _save_unsharded(self, output_dir: str | None, state_dict: dict | None) -> None:
+        ``training_args.bin``, like every pickle of the arguments, without a user-fixed
+        ``dp_seed``: see ``DPTrainingArguments.__getstate__``)."""
         if infer_layout(self.model) == PLAIN:
             if self.args.should_save:
                 super()._save(output_dir, state_dict=state_dict)

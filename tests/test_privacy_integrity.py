@@ -16,19 +16,18 @@ fast); each test below reads its part of the results.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 import stat
 import warnings
-import zipfile
 
 import pytest
 import torch
 
 from tests import models
 from tests.distributed_harness import run_distributed
+from tests.secret_scan import blobs, key_encodings, seed_encodings
 from tests.test_trainer import SEQ, _args
 
 USER_SEED = 8734512987123457  # long enough that no file holds its digits by chance
@@ -291,38 +290,6 @@ def integrity(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- 1. secrets at rest
-def _seed_encodings(seed: int) -> list[bytes]:
-    raw = [seed.to_bytes(8, "big"), seed.to_bytes(8, "little")]
-    minimal = seed.to_bytes((seed.bit_length() + 8) // 8, "little", signed=True)
-    text = [str(seed), format(seed, "x"), format(seed, "X"), format(seed, "#x")]
-    return [*raw, minimal, *(t.encode() for t in text), *(base64.b64encode(r) for r in raw)]
-
-
-def _key_encodings(key: bytes) -> list[bytes]:
-    return [
-        key,
-        key.hex().encode(),
-        key.hex().upper().encode(),
-        base64.b64encode(key),
-        base64.urlsafe_b64encode(key),
-        json.dumps(list(key)).encode(),
-        ", ".join(map(str, key)).encode(),
-    ]
-
-
-def _blobs(root):
-    """Every file under ``root`` as bytes, plus every member of zip files (``.pt`` pickles)."""
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                yield path, f.read()
-            if zipfile.is_zipfile(path):
-                with zipfile.ZipFile(path) as archive:
-                    for member in archive.namelist():
-                        yield f"{path}:{member}", archive.read(member)
-
-
 @pytest.mark.parametrize("mode", ["seeded", "secure", "user_seed"])
 def test_no_seed_or_key_is_written_under_output_dir(integrity, mode):
     results, runs = integrity
@@ -330,10 +297,10 @@ def test_no_seed_or_key_is_written_under_output_dir(integrity, mode):
     secret = found["key"] if mode == "secure" else found["seed"]
     assert secret is not None
     assert results[1][mode]["seed"] == found["seed"] and results[1][mode]["key"] == found["key"]
-    encodings = _key_encodings(secret) if mode == "secure" else _seed_encodings(secret)
+    encodings = key_encodings(secret) if mode == "secure" else seed_encodings(secret)
     out = runs / mode
     files = 0
-    for where, blob in _blobs(out):
+    for where, blob in blobs(out):
         files += 1
         for encoding in encodings:
             assert encoding not in blob, f"{mode} secret found in {where}"
