@@ -82,14 +82,13 @@ def _blocks(
     state words 14-15 ``nonce_tail`` and ``key_words`` (8 int32 on that device)."""
     n, device = counters.numel(), counters.device
     initial = torch.empty(16, n, dtype=torch.int32, device=device)
-    initial[:4] = torch.tensor([_signed(w) for w in _CONSTANTS], dtype=torch.int32).to(device)[
-        :, None
-    ]
+    for i, word in enumerate(_CONSTANTS):
+        initial[i].fill_(_signed(word))  # scalars: no host-to-device copy, no synchronisation
     initial[4:12] = key_words[:, None]
     initial[12] = counters.bitwise_and(_WORD - 1).to(torch.int32)  # bits as int32 (wraps)
     initial[13] = counters.bitwise_right_shift(32).to(torch.int32)
-    initial[14] = nonce_tail[0]
-    initial[15] = nonce_tail[1]
+    initial[14].fill_(nonce_tail[0])
+    initial[15].fill_(nonce_tail[1])
     init = initial.view(4, 4, n)
     # Row a as is; rows b, c, d doubled: columns j and j + 4 hold the same word, so the diagonal
     # round's view (column j of row r is word (j + r) % 4) is the slice [r : r + 4].
