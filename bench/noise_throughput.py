@@ -11,11 +11,14 @@ What is timed (median of ``--repeats`` runs after one warm-up, ``torch.set_num_t
 - ``normals_per_s_per_core``: ``NoiseSource(...).normal((numel,), std, device, dtype=...)`` on
   the CPU for ``seeded`` (a seeded ``torch.Generator``) and ``secure`` (AES-256-CTR under a fresh
   ``os.urandom`` key, hf_dp_tp/noise.py), ``float32`` and ``float64``; a new source per run, as
-  the optimizer makes one per step. ``legacy_secure`` is the implementation secure mode used
+  the optimizer makes one per step. ``secure_chacha_torch``: the same draw with the keystream
+  from the torch ChaCha20 (hf_dp_tp/chacha.py, what secure mode uses on CUDA) on the CPU. ``legacy_secure`` is the implementation secure mode used
   before issue 13 (``os.urandom`` bytes, numpy Box-Muller in float64, four draws per value,
   copied into float32), kept here as the reference point; ``--no_legacy`` skips it.
 - ``normals_per_s_cuda`` (only with a CUDA device): the same calls with ``device="cuda"``
-  (synchronised), all threads of the process; the secure keystream is still made on one CPU core.
+  (synchronised), all threads of the process: ``secure`` makes its ChaCha20 keystream on the GPU;
+  ``secure_aes_ctr_host`` is AES-CTR made on one CPU core and copied over.
+  ``cuda_secure_over_seeded``: secure over seeded normals/s on the GPU.
 - ``poisson_mask_s``: seconds for one secure (and one seeded) logical batch of a
   ``DistributedPoissonBatchSampler`` over ``--poisson_n`` records at rate ``--sample_rate``
   (``logical_batch``: uniforms, comparison, indices); ``legacy_secure`` uses the previous keyed
@@ -50,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_time import busy_cpu_seconds, machine_info  # noqa: E402
 
-from hf_dp_tp.noise import NoiseSource  # noqa: E402
+from hf_dp_tp.noise import NoiseSource, SecureNormalStream  # noqa: E402
 from hf_dp_tp.randomness import _encode_parts  # noqa: E402
 from hf_dp_tp.sampling import DistributedPoissonBatchSampler  # noqa: E402
 
@@ -117,14 +120,24 @@ def median_seconds(fn: Callable[[], object], repeats: int, sync: bool = False) -
 
 
 def noise_rates(numel: int, repeats: int, device: str) -> dict[str, dict[str, float]]:
+    """Normals/s of ``seeded`` and ``secure`` noise sources (secure: the cipher secure mode picks
+    for ``device``) and of the other cipher pinned on ``device`` (``secure_chacha_torch`` on the
+    CPU, ``secure_aes_ctr_host`` on CUDA: the host keystream copied over)."""
     sync = device == "cuda"
+    other = (
+        ("secure_chacha_torch", "chacha20")
+        if device == "cpu"
+        else ("secure_aes_ctr_host", "aes-ctr")
+    )
     rates: dict[str, dict[str, float]] = {}
-    for kind, secure in (("seeded", False), ("secure", True)):
+    for kind, secure in (("seeded", False), ("secure", True), (other[0], None)):
         rates[kind] = {}
         for name, dtype in DTYPES.items():
             steps = iter(range(10**6))
 
             def draw(secure=secure, dtype=dtype, steps=steps):
+                if secure is None:
+                    return SecureNormalStream(other[1]).normal(numel, 1.0, dtype, device)
                 seed = None if secure else 1234
                 src = NoiseSource(seed=seed, tp_rank=0, step=next(steps), secure=secure)
                 return src.normal((numel,), 1.0, device, dtype=dtype)
@@ -207,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
             name: per_core["secure"][name] / per_core["seeded"][name] for name in DTYPES
         },
         "normals_per_s_cuda": cuda,
+        "cuda_secure_over_seeded": None
+        if cuda is None
+        else {name: cuda["secure"][name] / cuda["seeded"][name] for name in DTYPES},
         "poisson_mask_s": masks,
     }
     print(json.dumps(result))

@@ -8,14 +8,29 @@ in the dtype of the sum they are added to, so the noise never sits on a coarser 
   ``(noise_seed, tp_rank, step)``. Each TP rank gets its own stream (sharded noise is independent
   across shards), the stream of a step never repeats, and resuming from a checkpoint at step k
   continues with exactly the draws an uninterrupted run would have made.
-- **secure**: an AES-256-CTR keystream (OpenSSL, through the ``cryptography`` package) under a
-  fresh 32-byte key from ``os.urandom`` per source, i.e. per (optimizer step, rank). The key lives
-  only inside the OpenSSL cipher context of that source: it is never stored, logged, pickled or
-  shared, so neither a checkpoint nor another rank can reproduce the noise, and two sources (two
-  steps, two TP shards) are independent. The keystream is turned into normals by vectorised
-  torch code, in chunks of :data:`_CPU_CHUNK` values on the CPU (work buffers stay in cache; no
-  full-size temporary host buffers). With a CUDA device the raw keystream goes through pinned,
-  double-buffered host memory to the GPU asynchronously and the transform runs there.
+- **secure**: a stream-cipher keystream under a fresh 32-byte key from ``os.urandom`` per source,
+  i.e. per (optimizer step, rank), and per cipher (drawn on first use). Which cipher depends on
+  where the noise goes:
+
+  * noise for a **CUDA** tensor: **ChaCha20** as in RFC 8439, computed on that device by torch
+    integer ops (hf_dp_tp/chacha.py): no host keystream, no host-to-device copies. Nonce 0; the
+    block counter runs over state words 12-13 (64 bits: RFC 8439's 32-bit counter extended into
+    the first nonce word, which OpenSSL's ChaCha20 also does), so a stream's ``(key, nonce,
+    counter)`` blocks never repeat; it refuses to go past ``2**64`` blocks (a 32-bit counter alone
+    would stop at 256 GiB = 8.6e9 values, less than one step of a 70 B-parameter model);
+  * all other noise: **AES-256-CTR** made by OpenSSL on one CPU core (through the
+    ``cryptography`` package; AES-NI makes it about 5x faster there than the torch ChaCha20, see
+    bench/noise_throughput.py), counter block 0 upwards (one stream per key).
+
+  The key lives only inside the cipher's state of that source (the OpenSSL context; the ChaCha20
+  stream's key words on the CPU and the device): it is never stored, logged, pickled or shared, so
+  neither a checkpoint nor another rank can reproduce the noise, and two sources (two steps, two
+  TP shards) are independent. The keystream is turned into normals by vectorised torch code
+  (:func:`normals_from_keystream`, the same transform for both ciphers), in chunks of
+  :data:`_CPU_CHUNK` values on the CPU (work buffers stay in cache; no full-size temporary host
+  buffers) and :data:`_CUDA_CHUNK` on a GPU. tests/test_chacha.py pins the torch ChaCha20 bit for
+  bit to ``cryptography``'s (RFC 8439 test vectors, several counters, the carry into word 13,
+  lengths that are not whole blocks) and, with a GPU, the CUDA keystream to the CPU one.
 
 Secure normals, value by value (the floating-point-attack mitigation). A floating-point sampler
 does not produce every representable value: added to a sum, a value it cannot produce as noise
@@ -45,6 +60,7 @@ import os
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .chacha import ChaCha20Stream
 from .randomness import derive_seed
 
 __all__ = ["NoiseSource", "SecureNormalStream"]
@@ -57,11 +73,12 @@ _BYTES_PER_VALUE = 8 * _SECURE_DRAWS
 #: Output values per chunk when the transform runs on the CPU: the keystream and work buffers
 #: (~4 MiB) stay in cache; measured faster than 2**18 and 2**20 values on one core.
 _CPU_CHUNK = 1 << 16
-#: Output values per chunk when the transform runs on a CUDA device (fewer, larger copies).
+#: Output values per chunk on a CUDA device (keystream and transform there; ~200 MiB of work
+#: buffers at 2**20 values).
 _CUDA_CHUNK = 1 << 20
 #: Largest piece of keystream produced by one OpenSSL call (the all-zero plaintext it encrypts).
 _KEYSTREAM_PIECE = 1 << 20
-#: Secret key length (AES-256).
+#: Secret key length (AES-256 and ChaCha20 both take 32 bytes).
 _KEY_BYTES = 32
 #: CTR nonce/initial counter block. A constant is safe because every key encrypts one stream.
 _INITIAL_COUNTER = bytes(16)
@@ -71,12 +88,20 @@ _SLACK = 16
 _ZEROS = bytes(_KEYSTREAM_PIECE)  # the plaintext: AES-CTR of zeros is the keystream itself
 _MANTISSA_MASK = (1 << 52) - 1
 _ONE_BITS = 0x3FF0000000000000  # float64 1.0
+_CIPHERS = ("auto", "aes-ctr", "chacha20")
 
 
 def _fresh_key() -> bytes:
-    """A new AES-256 key from the OS CSPRNG (one per secure noise source). Never kept anywhere
-    but in the cipher context; tests replace this function to check that reused keys are caught."""
+    """A new 32-byte key from the OS CSPRNG (one per secure noise source and cipher). Never kept
+    anywhere but in the cipher's state; tests replace this function to check that reused keys are
+    caught."""
     return os.urandom(_KEY_BYTES)
+
+
+def _checked(key: bytes) -> bytes:
+    if len(key) != _KEY_BYTES:
+        raise ValueError(f"secure noise keys must be {_KEY_BYTES} bytes")
+    return key
 
 
 def normals_from_keystream(raw: torch.Tensor, out: torch.Tensor, std: float = 1.0) -> torch.Tensor:
@@ -97,31 +122,38 @@ def normals_from_keystream(raw: torch.Tensor, out: torch.Tensor, std: float = 1.
 
 
 class SecureNormalStream:
-    """Gaussian noise from one AES-256-CTR keystream under a fresh key from ``os.urandom``.
+    """Gaussian noise from a stream cipher's keystream under fresh keys from ``os.urandom``.
 
-    Successive calls consume successive keystream bytes, so no two draws of a stream share
-    randomness, and two streams (fresh keys) are independent. Not picklable: the key must not
-    leave the process.
+    ``cipher="auto"`` (what :class:`NoiseSource` uses): draws for a CUDA device come from a
+    ChaCha20 keystream computed on that device (hf_dp_tp/chacha.py), all other draws from an
+    AES-256-CTR keystream made by OpenSSL on the CPU. ``"aes-ctr"`` or ``"chacha20"`` pins one
+    cipher for every device (the benchmark and the tests use this). Each cipher gets its own key,
+    drawn when it is first used. Successive calls consume successive keystream bytes, so no two
+    draws of a stream share randomness, and two streams (fresh keys) are independent. Not
+    picklable: the keys must not leave the process.
     """
 
-    def __init__(self) -> None:
-        key = _fresh_key()
-        if len(key) != _KEY_BYTES:
-            raise ValueError(f"secure noise keys must be {_KEY_BYTES} bytes")
-        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(_INITIAL_COUNTER)).encryptor()
-        del key
+    def __init__(self, cipher: str = "auto") -> None:
+        if cipher not in _CIPHERS:
+            raise ValueError(f"cipher must be one of {_CIPHERS}, got {cipher!r}")
+        self._cipher = cipher
+        self._encryptor = None  # AES-256-CTR context (key inside OpenSSL), made on first use
+        self._chacha: ChaCha20Stream | None = None  # made on first use
         self._cpu_raw: torch.Tensor | None = None
-        self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
     def __reduce__(self):
         raise TypeError("a secure noise stream holds a secret key and cannot be pickled")
 
     def __repr__(self) -> str:
-        return "SecureNormalStream(AES-256-CTR, key from os.urandom, not shown)"
+        return f"SecureNormalStream({self._cipher}, keys from os.urandom, not shown)"
 
     def _keystream_into(self, buffer: torch.Tensor, nbytes: int) -> None:
-        """Write the next ``nbytes`` keystream bytes into ``buffer`` (a CPU uint8 tensor with at
-        least ``nbytes + _SLACK`` elements)."""
+        """Write the next ``nbytes`` AES-CTR keystream bytes into ``buffer`` (a CPU uint8 tensor
+        with at least ``nbytes + _SLACK`` elements)."""
+        if self._encryptor is None:
+            key = _checked(_fresh_key())
+            self._encryptor = Cipher(algorithms.AES(key), modes.CTR(_INITIAL_COUNTER)).encryptor()
+            del key
         zeros, target = memoryview(_ZEROS), buffer.numpy()
         for start in range(0, nbytes, _KEYSTREAM_PIECE):
             size = min(_KEYSTREAM_PIECE, nbytes - start)
@@ -148,8 +180,11 @@ class SecureNormalStream:
         if not dtype.is_floating_point:
             raise ValueError(f"noise must be floating point, got {dtype}")
         device = torch.device(device)
-        if device.type == "cuda":
-            return self._normal_cuda(numel, std, dtype, device)
+        use_chacha = self._cipher == "chacha20" or (
+            self._cipher == "auto" and device.type == "cuda"
+        )
+        if use_chacha:
+            return self._normal_chacha(numel, std, dtype, device)
         out = torch.empty(numel, dtype=dtype)
         raw = self._raw_buffer(min(numel, _CPU_CHUNK) * _BYTES_PER_VALUE)
         for start in range(0, numel, _CPU_CHUNK):
@@ -158,31 +193,20 @@ class SecureNormalStream:
             normals_from_keystream(raw, out[start : start + m], std)
         return out if device.type == "cpu" else out.to(device)
 
-    def _normal_cuda(
+    def _normal_chacha(
         self, numel: int, std: float, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
-        """Keystream in pinned host buffers (two, alternating), copied asynchronously to the GPU,
-        where the transform runs; the CPU fills one buffer while the GPU works on the other."""
+        """Keystream and transform both on ``device``, chunk by chunk: each chunk of ``m`` values
+        is ``normals_from_keystream`` of the stream's next ``32 m`` bytes (from a block boundary;
+        chunks are whole blocks, so one call's chunks use one contiguous piece of keystream)."""
+        if self._chacha is None:
+            self._chacha = ChaCha20Stream(_checked(_fresh_key()))
         out = torch.empty(numel, dtype=dtype, device=device)
-        chunk_bytes = _CUDA_CHUNK * _BYTES_PER_VALUE
-        if not self._staging or self._staging[0][0].numel() < chunk_bytes + _SLACK:
-            self._staging = [
-                (torch.empty(chunk_bytes + _SLACK, dtype=torch.uint8, pin_memory=True), None)
-                for _ in range(2)
-            ]
-        with torch.cuda.device(out.device):
-            stream = torch.cuda.current_stream()
-            for i, start in enumerate(range(0, numel, _CUDA_CHUNK)):
-                m = min(_CUDA_CHUNK, numel - start)
-                host, copied = self._staging[i % 2]
-                if copied is not None:
-                    copied.synchronize()  # its previous copy to the GPU has finished
-                self._keystream_into(host, m * _BYTES_PER_VALUE)
-                raw = host[: m * _BYTES_PER_VALUE].to(out.device, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-                self._staging[i % 2] = (host, event)
-                normals_from_keystream(raw, out[start : start + m], std)
+        chunk = _CUDA_CHUNK if device.type == "cuda" else _CPU_CHUNK
+        for start in range(0, numel, chunk):
+            m = min(chunk, numel - start)
+            raw = self._chacha.next_bytes(m * _BYTES_PER_VALUE, out.device)
+            normals_from_keystream(raw, out[start : start + m], std)
         return out
 
 

@@ -91,7 +91,7 @@ def test_noise_throughput_reports_every_field():
     out = json.loads(run_script(cmd, timeout=120))
     assert out["config"]["numel"] == 20000 and out["config"]["poisson_n"] == 50000
     rates = out["normals_per_s_per_core"]
-    for kind in ("seeded", "secure"):
+    for kind in ("seeded", "secure", "secure_chacha_torch"):
         assert set(rates[kind]) == {"float32", "float64"}
         assert all(v > 0 for v in rates[kind].values()), rates
     assert rates["legacy_secure"]["float32"] > 0
@@ -103,4 +103,4 @@ def test_noise_throughput_reports_every_field():
     machine = out["machine"]
     assert machine["torch_num_threads"] == 1 and machine["cryptography_version"]
     assert "other_processes_cpu_cores" in machine and machine["cpu_cores"] >= 1
-    assert out["normals_per_s_cuda"] is None
+    assert out["normals_per_s_cuda"] is None and out["cuda_secure_over_seeded"] is None

@@ -11,7 +11,8 @@ contract" in docs/usage.md; hf_dp_tp/noise.py for the construction).
 - The seeded float32 stream is unchanged (resume reproducibility rests on it).
 - Secure uniforms of the Poisson sampler: prefix property across internal chunk boundaries,
   independent counters and keys, inclusion rate q.
-- A CUDA run (when there is a GPU) matches the CPU transform value for value on the same key.
+- A CUDA run (when there is a GPU: ChaCha20 on the device) matches the CPU torch ChaCha20 and
+  transform value for value on the same key.
 """
 
 from __future__ import annotations
@@ -330,13 +331,16 @@ def test_secure_poisson_inclusion_rate():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_secure_noise_matches_cpu_transform(monkeypatch, dtype):
-    """Same key on CPU and GPU: the pinned, double-buffered copies deliver every chunk intact
-    (a reused staging buffer would show as mismatches), and the values are Gaussian."""
+    """Same key on GPU (ChaCha20 made on the device, the default there) and on the CPU (the same
+    torch ChaCha20, pinned): every chunk's keystream arrives intact (a repeated or skipped block
+    would show as mismatches; the keystream itself is bit-exact, tests/test_chacha.py; the
+    transcendental functions may differ in the last bits), and the values are Gaussian."""
     monkeypatch.setattr(noise, "_CUDA_CHUNK", 1 << 16)  # many chunks
+    monkeypatch.setattr(noise, "_CPU_CHUNK", 1 << 16)  # the same chunks on the CPU
     monkeypatch.setattr(noise, "_fresh_key", lambda: b"\x03" * 32)
     n = 5 * (1 << 16) + 123
     on_gpu = SecureNormalStream().normal(n, STD, dtype, "cuda")
-    on_cpu = SecureNormalStream().normal(n, STD, dtype, "cpu")
+    on_cpu = SecureNormalStream("chacha20").normal(n, STD, dtype, "cpu")
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=tol, atol=tol)
