@@ -78,6 +78,7 @@ from hf_dp_tp.parallel import (
     init_distributed,
     llama_sequence_parallel_plan,
 )
+from hf_dp_tp.sampling import stand_in_batch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -335,9 +336,10 @@ def main() -> None:
             # itself must still run on every rank: noise on a zero sum, the DP all-reduce and
             # one accountant step.
             elif args.fsdp:
-                # FSDP's all-gathers are DP collectives: run a stand-in record's forward and
-                # backward and discard everything (zero loss, per-sample grads dropped)
-                stand_in = dataset[0][0].unsqueeze(0).to(device)
+                # FSDP's all-gathers are DP collectives: run a forward and backward on a
+                # synthetic stand-in that carries no record (a record's shape, constant ids)
+                # and discard everything (zero loss, per-sample grads dropped)
+                stand_in = stand_in_batch(dataset[0][0].unsqueeze(0)).to(device)
                 (per_sample_losses(model, stand_in) * 0.0).sum().backward()
                 controller.zero_grad_sample()
             optimizer.step()

@@ -24,7 +24,7 @@ import torch
 
 from hf_dp_tp.losses import default_per_sample_loss
 from tests import models
-from tests.test_privacy_integrity import _blobs
+from tests.secret_scan import blobs
 
 N, SEQ, STEPS = 24, 8, 12
 NAN_RECORD, INF_RECORD = 3, 7
@@ -141,7 +141,7 @@ def test_left_out_gradients_are_reported_at_the_end_only(poisoned_runs):
     assert poisoned_runs["reference"]["report"]["nonfinite_gradients_zeroed"] == 0
     # nothing per step: the count is in no checkpoint (its change would date the record)
     checkpoints = poisoned_runs["root"] / "poisoned"
-    for path, blob in _blobs(str(checkpoints)):
+    for path, blob in blobs(str(checkpoints)):
         if "checkpoint-" in path:
             assert b"nonfinite" not in blob, path
 
@@ -152,7 +152,7 @@ def test_no_rng_state_is_stored_and_the_rng_is_fresh_after_training(poisoned_run
     assert poisoned["rng_states"] == reference["rng_states"]
     # ... yet no file under output_dir holds any state the global RNG was in during training
     states = poisoned["rng_states"]
-    for path, blob in _blobs(str(poisoned_runs["root"] / "poisoned")):
+    for path, blob in blobs(str(poisoned_runs["root"] / "poisoned")):
         assert "rng_state" not in os.path.basename(path), path
         assert not any(state in blob for state in states), path
     # and training ends on fresh state: no longer a function of the realised batch sizes
