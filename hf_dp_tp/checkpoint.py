@@ -82,6 +82,22 @@ def save_rank_optimizer(checkpoint_dir: str, rank: int, state: dict[str, Any]) -
     torch.save(state, os.path.join(checkpoint_dir, OPTIMIZER_RANK_NAME.format(rank=rank)))
 
 
+def rank_optimizer_files(checkpoint_dir: str) -> int:
+    """How many per-rank optimizer files (``optimizer.rank*.pt``) ``checkpoint_dir`` holds."""
+    prefix, suffix = OPTIMIZER_RANK_NAME.split("{rank}")
+    try:
+        names = os.listdir(checkpoint_dir)
+    except OSError:
+        return 0
+    return sum(
+        1
+        for name in names
+        if name.startswith(prefix)
+        and name.endswith(suffix)
+        and name[len(prefix) : -len(suffix)].isdigit()
+    )
+
+
 def load_rank_optimizer(checkpoint_dir: str, rank: int) -> dict[str, Any] | None:
     """This rank's optimizer state, or None when the checkpoint has none. Loaded with
     ``weights_only=True``: a file that needs arbitrary unpickling is refused, never executed."""
