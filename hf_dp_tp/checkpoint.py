@@ -106,16 +106,26 @@ def load_rank_optimizer(checkpoint_dir: str, rank: int) -> dict[str, Any] | None
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        reason = next(
-            (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
-            str(err).splitlines()[0] if str(err) else type(err).__name__,
-        )
-        raise ValueError(
-            f"refusing to load {path}: it is not plain tensor/optimizer state and loading it "
-            f"would run code from the checkpoint ({reason}). Resume from a checkpoint written by "
-            "DPTrainer."
-        ) from None
+    except UNSAFE_LOAD_ERRORS as err:
+        raise unsafe_load_refusal(path, err) from None
+
+
+#: What ``torch.load(..., weights_only=True)`` raises for a file it will not unpickle.
+UNSAFE_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError)
+
+
+def unsafe_load_refusal(path: str, err: BaseException) -> ValueError:
+    """The error for a checkpoint file that ``torch.load(weights_only=True)`` refused: names the
+    file and the offending global (not torch's advice to load it with ``weights_only=False``)."""
+    reason = next(
+        (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+        str(err).splitlines()[0] if str(err) else type(err).__name__,
+    )
+    return ValueError(
+        f"refusing to load {path}: it is not plain tensor/optimizer state and loading it "
+        f"would run code from the checkpoint ({reason}). Resume from a checkpoint written by "
+        "DPTrainer."
+    )
 
 
 # ---------------------------------------------------------------------- sharded weights

@@ -39,6 +39,7 @@ from .agreement import fail_together
 from .arguments import DPTrainingArguments
 from .checkpoint import (
     REPORT_NAME,
+    UNSAFE_LOAD_ERRORS,
     check_secrets_file_location,
     has_sharded_model,
     load_full_checkpoint_into_sharded,
@@ -47,6 +48,7 @@ from .checkpoint import (
     read_secrets_file,
     save_rank_optimizer,
     save_sharded_model,
+    unsafe_load_refusal,
     write_ledger,
     write_secrets_file,
 )
@@ -806,10 +808,15 @@ class DPTrainer(Trainer):
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         # rng_state_{rank}.pth: a failure on any rank stops every rank at once
-        fail_together(
-            lambda: super(DPTrainer, self)._load_rng_state(checkpoint),
-            what="loading the RNG state",
-        )
+        fail_together(lambda: self._load_own_rng_state(checkpoint), what="loading the RNG state")
+
+    def _load_own_rng_state(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_rng_state(checkpoint)
+        except UNSAFE_LOAD_ERRORS as err:
+            world, index = self.args.world_size, self.args.process_index
+            name = f"rng_state_{index}.pth" if world > 1 else "rng_state.pth"  # Trainer's names
+            raise unsafe_load_refusal(os.path.join(checkpoint, name), err) from None
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As ``Trainer.save_model``: an ordinary, unsharded checkpoint ``from_pretrained`` loads
