@@ -14,19 +14,50 @@ if TYPE_CHECKING:
     from opacus.accountants import IAccountant
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
+#: Accountants whose ε is an approximation, not a proven upper bound: "gdp" (a central-limit
+#: approximation) reports less than a proven lower bound on ε in many settings (docs/usage.md,
+#: "Privacy accounting"). They must be acknowledged with ``allow_approximate_accountant=True``.
+APPROXIMATE_ACCOUNTANTS = ("gdp",)
 
 
-def make_accountant(name: str) -> IAccountant:
-    """``"prv"`` (tight, default), ``"rdp"`` (conservative) or ``"gdp"`` (a CLT approximation that
-    can understate ε; allowed with a warning)."""
-    from opacus.accountants import create_accountant
+def epsilon_is_upper_bound(name: str) -> bool:
+    """Whether the accountant ``name`` reports a proven upper bound on ε (``"prv"``, ``"rdp"``)
+    rather than an approximation that may under-report it (``"gdp"``)."""
+    return name not in APPROXIMATE_ACCOUNTANTS
 
+
+def accountant_kind(name: str) -> str:
+    """``"upper bound"`` or ``"approximate (may under-report)"``: how to read ``name``'s ε."""
+    return "upper bound" if epsilon_is_upper_bound(name) else "approximate (may under-report)"
+
+
+def check_accountant(name: str, *, allow_approximate_accountant: bool = False) -> None:
+    """Refuse an unknown accountant, and an approximate one (``"gdp"``) unless the caller
+    acknowledged with ``allow_approximate_accountant=True`` that its ε may be under-reported."""
     if name not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {name!r}; choose one of {ACCOUNTANTS}.")
-    if name == "gdp":
+    if not epsilon_is_upper_bound(name) and not allow_approximate_accountant:
+        raise ValueError(
+            f"accountant={name!r} is a central-limit approximation whose epsilon can be BELOW the "
+            "true privacy loss (it under-reports ε for few steps or large sampling rates), so it "
+            "cannot back a stated (ε, δ) guarantee. Use 'prv' (default) or 'rdp'; to use it "
+            "anyway, for comparison only, also set allow_approximate_accountant=True (its ε is "
+            "then marked approximate in the logs, the ledger and the privacy report)."
+        )
+
+
+def make_accountant(name: str, *, allow_approximate_accountant: bool = False) -> IAccountant:
+    """``"prv"`` (tight, default), ``"rdp"`` (conservative) or ``"gdp"`` (a CLT approximation
+    that can understate ε: refused unless ``allow_approximate_accountant=True``, then warned
+    about)."""
+    from opacus.accountants import create_accountant
+
+    check_accountant(name, allow_approximate_accountant=allow_approximate_accountant)
+    if not epsilon_is_upper_bound(name):
         warnings.warn(
-            "the 'gdp' accountant is a central-limit approximation that can understate epsilon "
-            "for few steps or large sampling rates; prefer 'prv' for a reportable guarantee.",
+            f"the {name!r} accountant is a central-limit approximation that can understate "
+            "epsilon for few steps or large sampling rates: its ε is not a guarantee; use 'prv' "
+            "for a reportable one.",
             stacklevel=2,
         )
     return create_accountant(mechanism=name)
@@ -50,9 +81,12 @@ def calibrate_noise_multiplier(
     sample_rate: float,
     steps: int,
     accountant: str = "prv",
+    allow_approximate_accountant: bool = False,
 ) -> float:
     """The smallest σ (to opacus's tolerance) giving ``target_epsilon`` at ``target_delta`` after
-    ``steps`` steps at sampling rate ``sample_rate``."""
+    ``steps`` steps at sampling rate ``sample_rate`` (an approximate ``accountant`` is refused
+    unless ``allow_approximate_accountant=True``, see :func:`check_accountant`)."""
+    check_accountant(accountant, allow_approximate_accountant=allow_approximate_accountant)
     if not target_epsilon > 0 or math.isinf(target_epsilon):
         raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon}")
     if not 0 < target_delta < 1:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from .accounting import ACCOUNTANTS
+from .accounting import ACCOUNTANTS, check_accountant
 from .layout import PLAIN, check_grad_sample_mode, declared_layout
 
 
@@ -180,8 +180,17 @@ class DPTrainingArguments(TrainingArguments):
     accountant: str = field(
         default="prv",
         metadata={
-            "help": "Privacy accountant: 'prv' (default, tight), 'rdp' (conservative), or 'gdp' "
-            "(a central-limit approximation that can understate ε; allowed with a warning)."
+            "help": "Privacy accountant: 'prv' (default, tight) or 'rdp' (conservative), both "
+            "upper bounds on ε; 'gdp' (a central-limit approximation that can understate ε) is "
+            "refused unless allow_approximate_accountant is set too."
+        },
+    )
+    allow_approximate_accountant: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept accountant='gdp', whose ε may be below the true privacy loss (for "
+            "comparisons, never for a stated guarantee): its ε is then marked approximate in the "
+            "logs (epsilon_is_upper_bound=0), the ledger and the privacy report."
         },
     )
     poisson_sampling: bool = field(
@@ -244,6 +253,14 @@ class DPTrainingArguments(TrainingArguments):
             raise ValueError(
                 "include_num_input_tokens_seen counts the tokens of the sampled batches, which "
                 "reveals the realised (private) Poisson batch sizes: DPTrainer does not support it."
+            )
+        if self.auto_find_batch_size:
+            raise ValueError(
+                "auto_find_batch_size=True is not supported by DPTrainer: after an out-of-memory "
+                "error it would restart with a smaller batch, redrawing Poisson batches and "
+                "changing the expected batch B̄ and the sampling rate q mid-run (the accountant "
+                "assumes one q). Set per_device_train_batch_size explicitly to a size that fits, "
+                "and use gradient_accumulation_steps for a large logical batch."
             )
         if self.fp16:
             raise ValueError(
@@ -452,6 +469,9 @@ class DPTrainingArguments(TrainingArguments):
             )
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        check_accountant(
+            self.accountant, allow_approximate_accountant=self.allow_approximate_accountant
+        )
         check_grad_sample_mode(self.grad_sample_mode)
         if not isinstance(self.tp_size, int) or self.tp_size < 1:
             raise ValueError(f"tp_size must be a positive int, got {self.tp_size!r}")

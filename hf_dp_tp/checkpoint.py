@@ -84,6 +84,22 @@ def save_rank_optimizer(checkpoint_dir: str, rank: int, state: dict[str, Any]) -
     torch.save(state, os.path.join(checkpoint_dir, OPTIMIZER_RANK_NAME.format(rank=rank)))
 
 
+def rank_optimizer_files(checkpoint_dir: str) -> int:
+    """How many per-rank optimizer files (``optimizer.rank*.pt``) ``checkpoint_dir`` holds."""
+    prefix, suffix = OPTIMIZER_RANK_NAME.split("{rank}")
+    try:
+        names = os.listdir(checkpoint_dir)
+    except OSError:
+        return 0
+    return sum(
+        1
+        for name in names
+        if name.startswith(prefix)
+        and name.endswith(suffix)
+        and name[len(prefix) : -len(suffix)].isdigit()
+    )
+
+
 def load_rank_optimizer(checkpoint_dir: str, rank: int) -> dict[str, Any] | None:
     """This rank's optimizer state, or None when the checkpoint has none. Loaded with
     ``weights_only=True``: a file that needs arbitrary unpickling is refused, never executed."""
@@ -92,16 +108,26 @@ def load_rank_optimizer(checkpoint_dir: str, rank: int) -> dict[str, Any] | None
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        reason = next(
-            (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
-            str(err).splitlines()[0] if str(err) else type(err).__name__,
-        )
-        raise ValueError(
-            f"refusing to load {path}: it is not plain tensor/optimizer state and loading it "
-            f"would run code from the checkpoint ({reason}). Resume from a checkpoint written by "
-            "DPTrainer."
-        ) from None
+    except UNSAFE_LOAD_ERRORS as err:
+        raise unsafe_load_refusal(path, err) from None
+
+
+#: What ``torch.load(..., weights_only=True)`` raises for a file it will not unpickle.
+UNSAFE_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError)
+
+
+def unsafe_load_refusal(path: str, err: BaseException) -> ValueError:
+    """The error for a checkpoint file that ``torch.load(weights_only=True)`` refused: names the
+    file and the offending global (not torch's advice to load it with ``weights_only=False``)."""
+    reason = next(
+        (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+        str(err).splitlines()[0] if str(err) else type(err).__name__,
+    )
+    return ValueError(
+        f"refusing to load {path}: it is not plain tensor/optimizer state and loading it "
+        f"would run code from the checkpoint ({reason}). Resume from a checkpoint written by "
+        "DPTrainer."
+    )
 
 
 # ---------------------------------------------------------------------- sharded weights

@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .accounting import epsilon_spent, make_accountant
+from .accounting import epsilon_is_upper_bound, epsilon_spent, make_accountant
 from .controller import GradSampleControllerTP
 from .layout import model_layout
 from .optimizer import DPOptimizerTP
@@ -28,7 +28,9 @@ class PrivacyEngineGradSampleController:
     """Make a (tensor-parallel) model, its optimizer and its data loader differentially private.
 
     Args:
-        accountant: ``"prv"`` (default), ``"rdp"`` or ``"gdp"``.
+        accountant: ``"prv"`` (default) or ``"rdp"``, upper bounds on ε; ``"gdp"``, a
+            central-limit approximation that can under-report ε, is refused unless
+            ``allow_approximate_accountant=True`` (then :attr:`epsilon_is_upper_bound` is False).
         secure_mode: noise from AES-256-CTR keystreams under fresh ``os.urandom`` keys (one per
             step and rank, never stored) and Poisson masks from a keyed PRF with a secret key.
 
@@ -46,9 +48,18 @@ class PrivacyEngineGradSampleController:
         engine.get_epsilon(delta=1e-5)
     """
 
-    def __init__(self, *, accountant: str = "prv", secure_mode: bool = False) -> None:
-        self.accountant = make_accountant(accountant)
+    def __init__(
+        self,
+        *,
+        accountant: str = "prv",
+        secure_mode: bool = False,
+        allow_approximate_accountant: bool = False,
+    ) -> None:
+        self.accountant = make_accountant(
+            accountant, allow_approximate_accountant=allow_approximate_accountant
+        )
         self.accountant_name = accountant
+        self.allow_approximate_accountant = allow_approximate_accountant
         self.secure_mode = secure_mode
         self.privacy_plan: PrivacyPlan | None = None
         self.controller: GradSampleControllerTP | None = None
@@ -170,8 +181,14 @@ class PrivacyEngineGradSampleController:
         return None if self.privacy_plan is None else self.privacy_plan.sample_rate
 
     def get_epsilon(self, delta: float) -> float:
-        """ε spent so far at ``delta`` (identical on every rank)."""
+        """ε spent so far at ``delta`` (identical on every rank); an approximation that may be
+        below the true loss when :attr:`epsilon_is_upper_bound` is False."""
         return epsilon_spent(self.accountant, delta)
+
+    @property
+    def epsilon_is_upper_bound(self) -> bool:
+        """Whether :meth:`get_epsilon` is a proven upper bound (False for ``"gdp"``)."""
+        return epsilon_is_upper_bound(self.accountant_name)
 
     def _plan(
         self,
@@ -193,6 +210,7 @@ class PrivacyEngineGradSampleController:
             accountant_name=self.accountant_name,
             noise_multiplier=noise_multiplier,
             accountant=self.accountant,
+            allow_approximate_accountant=self.allow_approximate_accountant,
             **budget,
         )
 

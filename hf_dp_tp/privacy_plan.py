@@ -23,8 +23,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .accounting import calibrate_noise_multiplier, epsilon_spent, make_accountant
-from .checkpoint import LEDGER_NAME, checkpoint_global_step
+from .accounting import (
+    accountant_kind,
+    calibrate_noise_multiplier,
+    epsilon_is_upper_bound,
+    epsilon_spent,
+    make_accountant,
+)
+from .checkpoint import LEDGER_NAME, checkpoint_global_step, rank_optimizer_files
 
 LEDGER_VERSION = 2
 _LEDGER_KEYS = ("version", "accountant", "noise_multiplier", "sample_rate", "global_step")
@@ -76,11 +82,14 @@ class PrivacyPlan:
     Args:
         dataset_size: N, records in the training set (the privacy unit is one record).
         expected_batch_size: B̄, the expected *global* logical batch (all DP ranks together).
-        accountant: ``"prv"``, ``"rdp"`` or ``"gdp"``.
+        accountant_name: ``"prv"``, ``"rdp"`` or ``"gdp"`` (approximate: refused unless
+            ``allow_approximate_accountant``).
         noise_multiplier: σ, or None to calibrate it for ``target_epsilon``.
         target_epsilon: the budget (None: no budget stop; then σ must be given).
         target_delta: δ, or None for :func:`default_delta`.
         accountant: an existing opacus accountant to keep stepping (default: a new one).
+        allow_approximate_accountant: accept an accountant whose ε may be under-reported
+            (``"gdp"``); its ε is then marked approximate in the ledger and the report.
     """
 
     dataset_size: int
@@ -91,6 +100,7 @@ class PrivacyPlan:
     target_delta: float | None = None
     calibrated_steps: int | None = None
     accountant: Any = field(default=None, repr=False)
+    allow_approximate_accountant: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset_size <= 0:
@@ -108,7 +118,17 @@ class PrivacyPlan:
         if self.target_delta is None:
             self.target_delta = default_delta(self.dataset_size)
         if self.accountant is None:
-            self.accountant = make_accountant(self.accountant_name)
+            self.accountant = self._new_accountant()
+
+    def _new_accountant(self):
+        return make_accountant(
+            self.accountant_name, allow_approximate_accountant=self.allow_approximate_accountant
+        )
+
+    @property
+    def epsilon_is_upper_bound(self) -> bool:
+        """False for an approximate accountant (``"gdp"``): its ε may be below the true loss."""
+        return epsilon_is_upper_bound(self.accountant_name)
 
     # ------------------------------------------------------------------ batch arithmetic
     @property
@@ -133,6 +153,7 @@ class PrivacyPlan:
                 sample_rate=self.sample_rate,
                 steps=steps,
                 accountant=self.accountant_name,
+                allow_approximate_accountant=self.allow_approximate_accountant,
             )
             self.calibrated_steps = steps
         return self.noise_multiplier
@@ -152,7 +173,7 @@ class PrivacyPlan:
 
     def epsilon_after(self, total_steps: int) -> float:
         """ε after ``total_steps`` optimizer steps in all: the history, then ``(σ, q)`` steps."""
-        probe = make_accountant(self.accountant_name)
+        probe = self._new_accountant()
         probe.history = list(self.accountant.history)
         extra = total_steps - self.steps_accounted
         if extra > 0:
@@ -190,15 +211,26 @@ class PrivacyPlan:
         return low
 
     # ------------------------------------------------------------------ the ledger
-    def ledger(self, *, global_step: int, optimizer_state: dict[str, Any] | None) -> dict:
+    def ledger(
+        self,
+        *,
+        global_step: int,
+        optimizer_state: dict[str, Any] | None,
+        layout: dict[str, int] | None = None,
+    ) -> dict:
         """The privacy ledger: enough to continue ε exactly, nothing to regenerate noise or
-        batches (no seed, key or generator state)."""
+        batches (no seed, key or generator state). ``layout`` is the parallel layout of the run
+        that wrote it (:func:`check_layout` compares it on resume); the accountant entry says
+        whether its ε is a proven upper bound."""
         return {
             "version": LEDGER_VERSION,
             "accountant": {
                 "mechanism": self.accountant_name,
                 "history": [list(entry) for entry in self.accountant.history],
+                "epsilon_is_upper_bound": self.epsilon_is_upper_bound,
+                "accountant_kind": accountant_kind(self.accountant_name),
             },
+            "layout": layout,
             "noise_multiplier": self.noise_multiplier,
             "calibrated_steps": self.calibrated_steps,
             "target_epsilon": self.target_epsilon,
@@ -240,6 +272,8 @@ class PrivacyPlan:
         self.accountant.history = [tuple(entry) for entry in ledger["accountant"]["history"]]
 
     def report(self) -> dict[str, Any]:
+        """ε, δ, σ, q, steps and the accountant; ``epsilon_is_upper_bound`` is False (and
+        ``accountant_kind`` says "approximate (may under-report)") for an approximate accountant."""
         return {
             "epsilon": self.epsilon(),
             "delta": self.target_delta,
@@ -247,11 +281,72 @@ class PrivacyPlan:
             "sample_rate": self.sample_rate,
             "steps": self.steps_accounted,
             "accountant": self.accountant_name,
+            "epsilon_is_upper_bound": self.epsilon_is_upper_bound,
+            "accountant_kind": accountant_kind(self.accountant_name),
             "expected_batch_size": self.expected_batch_size,
             "dataset_size": self.dataset_size,
             "poisson_sampling": True,
             "target_epsilon": self.target_epsilon,
         }
+
+
+#: The keys of a parallel layout (:func:`check_layout`), in the order they are described.
+LAYOUT_KEYS = ("world_size", "dp_size", "tp_size", "dp_shard_size", "dp_replicate_size")
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    """``world_size=2 (dp=1 × tp=2, dp_shard=1, dp_replicate=1)``."""
+    return (
+        f"world_size={layout.get('world_size')} (dp={layout.get('dp_size')} × "
+        f"tp={layout.get('tp_size')}, dp_shard={layout.get('dp_shard_size')}, "
+        f"dp_replicate={layout.get('dp_replicate_size')})"
+    )
+
+
+def check_layout(
+    ledger: dict[str, Any],
+    layout: dict[str, int],
+    *,
+    where: str,
+    rank_specific_state: bool,
+) -> None:
+    """Refuse to resume ``ledger``'s checkpoint (``where``) on another parallel layout.
+
+    Per-rank optimizer state (TP shards, FSDP shards) belongs to one layout: loaded on another it
+    crashes at the first optimizer step, after that step's noise and accountant stages ran, or
+    silently pairs state with the wrong shards. (FSDP's model shards could be resharded by
+    ``torch.distributed.checkpoint``; the optimizer state cannot.) So any change of world size,
+    ``tp_size``, ``dp_shard`` or ``dp_replicate`` is refused, naming both layouts.
+
+    A ledger written before the layout was recorded (no ``"layout"`` key) is accepted only when
+    the layout cannot matter: the checkpoint holds no per-rank optimizer files
+    (``optimizer.rank*.pt``) and this run keeps none (``rank_specific_state`` False: pure data
+    parallelism, every rank holds the whole optimizer state). Otherwise it is refused.
+    """
+    saved = ledger.get("layout")
+    current = {key: int(layout[key]) for key in LAYOUT_KEYS}
+    if saved is None:
+        files = rank_optimizer_files(where)
+        if files == 0 and not rank_specific_state:
+            return
+        raise LedgerError(
+            f"{where}: its privacy ledger does not record the parallel layout that wrote it (a "
+            f"ledger from an older hf_dp_tp) and the checkpoint holds {files} per-rank optimizer "
+            f"files while this run is {describe_layout(current)}: per-rank optimizer state can "
+            "only be resumed on the layout that wrote it, which cannot be checked here. Resume "
+            "with the hf_dp_tp version and layout that wrote the checkpoint."
+        )
+    try:
+        saved_layout = {key: int(saved[key]) for key in LAYOUT_KEYS}
+    except (TypeError, ValueError, KeyError) as err:
+        raise LedgerError(f"{where}: the ledger's layout {saved!r} is malformed ({err}).") from None
+    if saved_layout != current:
+        raise LedgerError(
+            f"{where}: the checkpoint was written by {describe_layout(saved_layout)} but this run "
+            f"is {describe_layout(current)}. Per-rank optimizer state cannot be resharded: "
+            "resume with the same number of processes, tp_size and FSDP/HSDP sizes (dp_shard, "
+            "dp_replicate) as the run that wrote it."
+        )
 
 
 def read_ledger(checkpoint_dir: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
+from .agreement import fail_together
 from .arguments import DPTrainingArguments
 from .checkpoint import (
     REPORT_NAME,
@@ -65,7 +66,13 @@ from .parallel import (
     resolve_mesh,
     set_collective_timeout,
 )
-from .privacy_plan import LedgerError, PrivacyPlan, check_dataset_size, read_ledger
+from .privacy_plan import (
+    LedgerError,
+    PrivacyPlan,
+    check_dataset_size,
+    check_layout,
+    read_ledger,
+)
 from .randomness import reseed_global_rngs, share_key, share_seed
 from .sampling import DistributedPoissonBatchSampler, collate_with_empty
 
@@ -396,6 +403,7 @@ class DPTrainer(Trainer):
                 noise_multiplier=args.noise_multiplier,
                 target_epsilon=args.target_epsilon,
                 target_delta=args.target_delta,
+                allow_approximate_accountant=args.allow_approximate_accountant,
             )
         return self._privacy_plan
 
@@ -665,6 +673,8 @@ class DPTrainer(Trainer):
         if self._dp_optimizer is not None:
             logs["epsilon"] = self.get_epsilon()
             logs["delta"] = self.target_delta
+            if not self.privacy_plan.epsilon_is_upper_bound:
+                logs["epsilon_is_upper_bound"] = False  # an approximate accountant ("gdp")
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ train / report
@@ -723,10 +733,35 @@ class DPTrainer(Trainer):
         return self.privacy_plan.ledger(
             global_step=self.state.global_step,
             optimizer_state=self._dp_optimizer.dp_state_dict() if self._dp_optimizer else None,
+            layout=self.parallel_layout,
         )
 
+    @property
+    def parallel_layout(self) -> dict[str, int]:
+        """World size, dp, tp, dp_shard (1 without FSDP) and dp_replicate sizes of this run: a
+        checkpoint resumes only on the layout that wrote it (its per-rank optimizer state)."""
+        mesh = self.mesh_info
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {
+            "world_size": world,
+            "dp_size": mesh.dp_size,
+            "tp_size": mesh.tp_size,
+            "dp_shard_size": mesh.dp_shard_size if self._fsdp else 1,
+            "dp_replicate_size": mesh.dp_replicate_size,
+        }
+
     def _load_ledger(self, checkpoint: str) -> None:
+        # every rank reads the ledger; a failure on any rank stops every rank at once
+        fail_together(lambda: self._restore_ledger(checkpoint), what="reading the privacy ledger")
+
+    def _restore_ledger(self, checkpoint: str) -> None:
         ledger = read_ledger(checkpoint)
+        check_layout(
+            ledger,
+            self.parallel_layout,
+            where=checkpoint,
+            rank_specific_state=self._rank_specific_optimizer_state,
+        )
         self.privacy_plan.restore(
             ledger, where=checkpoint, explicit_sigma=self.args.noise_multiplier is not None
         )
@@ -781,9 +816,15 @@ class DPTrainer(Trainer):
             save_rank_optimizer(output_dir, dist.get_rank(), self.optimizer.state_dict())
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        # per-rank files: a failure on any rank stops every rank at once
+        fail_together(
+            lambda: self._load_optimizer_state(checkpoint), what="loading the optimizer state"
+        )
+
+    def _load_optimizer_state(self, checkpoint: str) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
         if self._rank_specific_optimizer_state:
             state = load_rank_optimizer(checkpoint, dist.get_rank())
             if state is not None:
@@ -823,8 +864,14 @@ class DPTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         model = model if model is not None else self.model
         if has_sharded_model(resume_from_checkpoint):
-            load_sharded_model(model, resume_from_checkpoint)
+            load_sharded_model(model, resume_from_checkpoint)  # a collective, with its own errors
             return
+        # no collective below: a failure on any rank stops every rank at once
+        fail_together(
+            lambda: self._load_weights(resume_from_checkpoint, model), what="loading the weights"
+        )
+
+    def _load_weights(self, resume_from_checkpoint: str, model: nn.Module) -> None:
         if infer_layout(model) == PLAIN:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if _is_peft(model):

@@ -12,6 +12,10 @@ fast); each test below reads its part of the results.
    the optimizer files, and ``ignore_data_skip`` with a replayed seed are refused; with fresh
    randomness ``ignore_data_skip`` draws fresh batches (not the checkpoint's).
 3. **Realised batch sizes stay private.** ``total_flos`` does not depend on the sampled batches.
+4. **Resumes that fail, fail on every rank at once.** A checkpoint written by another parallel
+   layout (tp=2 resumed as dp=2 × tp=1) is refused before any step, naming both layouts; a
+   check that fails on one rank only (a pickle payload in ``optimizer.rank0.pt``, a stale
+   ``optimizer.rank1.pt``, a corrupt ledger in rank 1's copy of the checkpoint) makes every rank raise promptly with the reason, not wait for ``ddp_timeout``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import shutil
 import stat
+import time
 import warnings
 
 import pytest
@@ -31,6 +36,9 @@ from tests.secret_scan import blobs, key_encodings, seed_encodings
 from tests.test_trainer import SEQ, _args
 
 USER_SEED = 8734512987123457  # long enough that no file holds its digits by chance
+#: ddp_timeout of the one-rank-fails scenarios: a rank left waiting would fail after this long
+#: with a timeout error instead of the reason.
+SHORT_TIMEOUT = 60
 NOISY = dict(
     per_device_train_batch_size=32,
     optim="adamw_torch",
@@ -268,7 +276,75 @@ def _integrity_worker(rank: int, world: int, model_dir: str, root: str) -> dict:
             resume_from_checkpoint=os.path.join(seeded_dir, "checkpoint-1"),
         ),
     )
+
+    # 4. another layout: ck3 was written by dp=1 × tp=2; resumed as dp=2 × tp=1 (half the
+    # per-device batch keeps B̄ and q), it is refused before any step and spends nothing
+    ledger_before = _read(os.path.join(ck3, "dp_ledger.json"))
+    relayout = _trainer(
+        model_dir,
+        os.path.join(root, "relayout"),
+        tp_size=1,
+        per_device_train_batch_size=NOISY["per_device_train_batch_size"] // 2,
+        target_epsilon=8.0,
+        noise_multiplier=None,
+        max_steps=6,
+        save_strategy="no",
+        ddp_timeout=SHORT_TIMEOUT,
+    )
+    expect("other_layout", lambda: _train(relayout, resume_from_checkpoint=ck3))
+    results["other_layout_after"] = {
+        "batches": relayout.batches,
+        "steps_accounted": relayout.privacy_plan.steps_accounted,
+        "ledger_unchanged": _read(os.path.join(ck3, "dp_ledger.json")) == ledger_before,
+        "files_written": sorted(os.listdir(os.path.join(root, "relayout")))
+        if os.path.isdir(os.path.join(root, "relayout"))
+        else [],
+    }
+
+    # a check that fails on one rank only: every rank raises at once, with the reason
+    one_rank = {
+        name: os.path.join(tampered, name)
+        for name in ("payload-rank0", "stale-optimizer-rank1")
+    }
+    if rank == 0:
+        shutil.copytree(ck3, one_rank["payload-rank0"])
+        torch.save(
+            _Payload(os.path.join(root, "payload-ran-rank0-only")),
+            os.path.join(one_rank["payload-rank0"], "optimizer.rank0.pt"),
+        )
+        shutil.copytree(ck6, one_rank["stale-optimizer-rank1"])
+        shutil.copy(os.path.join(ck3, "optimizer.rank1.pt"), one_rank["stale-optimizer-rank1"])
+    torch.distributed.barrier()
+
+    def timed(name, fn):
+        start = time.monotonic()
+        expect(name, fn)
+        results[f"{name}_seconds"] = time.monotonic() - start
+
+    short = dict(ddp_timeout=SHORT_TIMEOUT)
+    timed("payload_rank0_only", resume_from(one_rank["payload-rank0"], **short))
+    timed(
+        "stale_optimizer_rank1_only",
+        resume_from(
+            one_rank["stale-optimizer-rank1"],
+            target_epsilon=None,
+            noise_multiplier=base.noise_multiplier,
+            max_steps=8,
+            **short,
+        ),
+    )
+    # rank 1 reads its own (corrupt) copy of the checkpoint, as on a node without a shared disk
+    timed("corrupt_ledger_rank1_only", resume_from(ck3 if rank == 0 else corrupt, **short))
+    results["one_rank_payload_ran"] = any(
+        os.path.exists(os.path.join(root, name))
+        for name in ("payload-ran-rank0-only",)
+    )
     return results
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class _Payload:
@@ -374,3 +450,69 @@ def test_ignore_data_skip_with_fresh_randomness_draws_fresh_batches(integrity):
     assert len(redrawn) == 3  # steps 4-6, drawn from the start of the epoch again ...
     assert redrawn != used  # ... with fresh randomness: not the checkpointed run's batches
     assert results[1]["ignore_data_skip_batches"] == redrawn  # TP peers agree
+
+
+# --------------------------------------------------------------------------- 4. failing together
+def test_resume_on_another_layout_is_refused_before_any_step(integrity):
+    results, _ = integrity
+    for r in results:
+        message = r["other_layout"]
+        print("other_layout:", message)
+        assert "LedgerError" in message, message
+        assert "written by world_size=2 (dp=1 × tp=2, dp_shard=1, dp_replicate=1)" in message
+        assert "this run is world_size=2 (dp=2 × tp=1, dp_shard=1, dp_replicate=1)" in message
+        after = r["other_layout_after"]
+        assert after["batches"] == []  # no forward, no noise ...
+        assert after["steps_accounted"] == 0  # ... no accountant step
+        assert after["ledger_unchanged"] and after["files_written"] == []
+
+
+@pytest.mark.parametrize(
+    "name, failing, pattern",
+    [
+        ("payload_rank0_only", "rank 0", r"refusing to load .*optimizer\.rank0\.pt"),
+        (
+            "stale_optimizer_rank1_only",
+            "rank 1",
+            r"optimizer state is from noisy step 3 but the privacy ledger records 6",
+        ),
+        ("corrupt_ledger_rank1_only", "rank 1", r"corrupt/dp_ledger.json is unreadable or corrupt"),
+    ],
+)
+def test_a_check_failing_on_one_rank_stops_every_rank_at_once(integrity, name, failing, pattern):
+    """Before, the other rank went on and waited in a collective until ddp_timeout."""
+    import re
+
+    results, _ = integrity
+    for rank, r in enumerate(results):
+        message = r[name]
+        print(f"{name} rank {rank}: {r[f'{name}_seconds']:.1f} s: {message}")
+        assert f"failed on 1 of 2 ranks, so every rank stops: [{failing}]" in message, message
+        assert re.search(pattern, message), message
+        assert "timed out" not in message.lower() and "timeout" not in message.lower()
+        assert r[f"{name}_seconds"] < SHORT_TIMEOUT / 2, r[f"{name}_seconds"]
+    assert not any(r["one_rank_payload_ran"] for r in results)
+
+
+def test_ledger_without_layout_is_resumed_only_where_the_layout_cannot_matter(tmp_path):
+    """A ledger from before the layout was recorded: accepted for pure data parallelism without
+    per-rank optimizer files (every rank holds the whole state), refused otherwise."""
+    from hf_dp_tp.privacy_plan import LedgerError, check_layout
+
+    layout = dict(world_size=2, dp_size=2, tp_size=1, dp_shard_size=1, dp_replicate_size=1)
+    old = {"version": 2}  # no "layout" key
+    check_layout(old, layout, where=str(tmp_path), rank_specific_state=False)
+    with pytest.raises(LedgerError, match=r"does not record the parallel layout.*holds 0"):
+        check_layout(old, layout, where=str(tmp_path), rank_specific_state=True)
+    for r in range(2):
+        (tmp_path / f"optimizer.rank{r}.pt").write_bytes(b"")
+    with pytest.raises(LedgerError, match=r"holds 2 per-rank optimizer files.*world_size=2 \(dp=2"):
+        check_layout(old, layout, where=str(tmp_path), rank_specific_state=False)
+    check_layout({"layout": layout}, layout, where=str(tmp_path), rank_specific_state=True)
+    with pytest.raises(LedgerError, match="layout .* is malformed"):
+        check_layout(
+            {"layout": {"tp_size": 2}}, layout, where=str(tmp_path), rank_specific_state=True
+        )
+    hsdp = {**layout, "dp_shard_size": 2}
+    with pytest.raises(LedgerError, match=r"written by world_size=2 \(dp=2 × tp=1, dp_shard=2"):
+        check_layout({"layout": hsdp}, layout, where=str(tmp_path), rank_specific_state=True)

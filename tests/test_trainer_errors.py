@@ -211,6 +211,121 @@ def test_dict_plan_with_torch_styles_serialises_for_loggers():
     assert args.tp_plan is plan  # the live plan is untouched
 
 
+def test_auto_find_batch_size_is_refused():
+    """An OOM restart would redraw the batches and change B̄ and q mid-run: refused up front."""
+    from hf_dp_tp import DPTrainingArguments
+
+    with pytest.raises(
+        ValueError,
+        match=r"auto_find_batch_size=True is not supported.*per_device_train_batch_size "
+        r"explicitly.*gradient_accumulation_steps",
+    ):
+        DPTrainingArguments(
+            output_dir="/tmp/unused", report_to=[], noise_multiplier=1.0, auto_find_batch_size=True
+        )
+
+
+def test_approximate_accountant_needs_an_acknowledgement():
+    """'gdp' can under-report ε: refused everywhere an accountant is chosen unless
+    allow_approximate_accountant=True; with it, its ε is marked approximate."""
+    from hf_dp_tp import (
+        DPTrainingArguments,
+        PrivacyEngineGradSampleController,
+        calibrate_noise_multiplier,
+        make_accountant,
+    )
+    from hf_dp_tp.privacy_plan import PrivacyPlan
+
+    refused = r"accountant='gdp'.*BELOW the true privacy loss.*allow_approximate_accountant=True"
+    base = dict(output_dir="/tmp/unused", report_to=[], noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=refused):
+        DPTrainingArguments(**base, accountant="gdp")
+    with pytest.raises(ValueError, match=refused):
+        PrivacyEngineGradSampleController(accountant="gdp")
+    with pytest.raises(ValueError, match=refused):
+        make_accountant("gdp")
+    budget = dict(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.01, steps=10)
+    with pytest.raises(ValueError, match=refused):
+        calibrate_noise_multiplier(**budget, accountant="gdp")
+    with pytest.raises(ValueError, match=refused):
+        PrivacyPlan(
+            dataset_size=100,
+            expected_batch_size=10,
+            accountant_name="gdp",
+            noise_multiplier=1.0,
+        )
+
+    with pytest.warns(UserWarning, match="understate"):
+        args = DPTrainingArguments(**base, accountant="gdp", allow_approximate_accountant=True)
+        engine = PrivacyEngineGradSampleController(
+            accountant="gdp", allow_approximate_accountant=True
+        )
+        calibrate_noise_multiplier(**budget, accountant="gdp", allow_approximate_accountant=True)
+    assert args.allow_approximate_accountant and not engine.epsilon_is_upper_bound
+    assert PrivacyEngineGradSampleController(accountant="prv").epsilon_is_upper_bound
+
+    def plan(name: str, **kwargs) -> PrivacyPlan:
+        plan = PrivacyPlan(
+            dataset_size=100,
+            expected_batch_size=10,
+            accountant_name=name,
+            noise_multiplier=1.0,
+            **kwargs,
+        )
+        plan.step()
+        return plan
+
+    with pytest.warns(UserWarning, match="understate"):
+        gdp = plan("gdp", allow_approximate_accountant=True)
+        report, ledger = gdp.report(), gdp.ledger(global_step=1, optimizer_state=None)
+    assert report["epsilon_is_upper_bound"] is False
+    assert report["accountant_kind"] == "approximate (may under-report)"
+    assert ledger["accountant"]["epsilon_is_upper_bound"] is False
+    assert ledger["accountant"]["accountant_kind"] == "approximate (may under-report)"
+    for name in ("prv", "rdp"):
+        report = plan(name).report()
+        assert report["epsilon_is_upper_bound"] is True, name
+        assert report["accountant_kind"] == "upper bound"
+        ledger = plan(name).ledger(global_step=1, optimizer_state=None)
+        assert ledger["accountant"]["epsilon_is_upper_bound"] is True
+
+
+def test_approximate_accountant_epsilon_is_marked_in_logs_and_report(tmp_path):
+    """A DPTrainer run with accountant='gdp' (acknowledged): every log record with ε, the
+    checkpoint's ledger and privacy_report.json say that ε is approximate."""
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_dp_tp import DPTrainer
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    config.bos_token_id = config.eos_token_id = 0
+    args = _args(
+        str(tmp_path),
+        tp_size=1,
+        grad_sample_mode="hooks",
+        noise_multiplier=1.0,
+        max_steps=1,
+        accountant="gdp",
+        allow_approximate_accountant=True,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPTrainer(model=GPT2LMHeadModel(config), args=args, train_dataset=_dataset())
+        trainer.train()
+    logged = [h for h in trainer.state.log_history if "epsilon" in h]
+    assert logged and all(h["epsilon_is_upper_bound"] is False for h in logged)
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert report["accountant"] == "gdp" and report["epsilon_is_upper_bound"] is False
+    assert report["accountant_kind"] == "approximate (may under-report)"
+    ledger = json.loads((tmp_path / "checkpoint-1" / "dp_ledger.json").read_text())
+    assert ledger["accountant"]["epsilon_is_upper_bound"] is False
+
+
 # --------------------------------------------------------------------------- one process
 def test_single_process_hooks_mode_gpt2_trains(tmp_path):
     """No torchrun, no TP: GPT-2 (Conv1D, tied embeddings) with grad_sample_mode='hooks'."""

@@ -49,6 +49,7 @@ class AuditConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 0.5
     accountant: str = "prv"
+    allow_approximate_accountant: bool = False
     secure_mode: bool = False
     records: int = 16
     seq_len: int = 16
@@ -158,6 +159,7 @@ def build_trainer(config: AuditConfig):
         target_delta=config.delta,
         per_sample_max_grad_norm=config.clip,
         accountant=config.accountant,
+        allow_approximate_accountant=config.allow_approximate_accountant,
         secure_mode=config.secure_mode,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -281,6 +283,11 @@ def parse_args(argv: list[str] | None = None) -> AuditConfig:
     parser.add_argument("--learning-rate", type=float, default=0.5, help="SGD learning rate")
     parser.add_argument("--accountant", default="prv", choices=["prv", "rdp", "gdp"])
     parser.add_argument(
+        "--allow-approximate-accountant",
+        action="store_true",
+        help="accept --accountant gdp, whose ε may be below the true privacy loss",
+    )
+    parser.add_argument(
         "--secure-mode", action="store_true", help="OS CSPRNG noise and keyed Poisson masks"
     )
     parser.add_argument("--records", type=int, default=16, help="ordinary (synthetic) records")
@@ -328,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> AuditConfig:
         gradient_accumulation_steps=ns.gradient_accumulation_steps,
         learning_rate=ns.learning_rate,
         accountant=ns.accountant,
+        allow_approximate_accountant=ns.allow_approximate_accountant,
         secure_mode=ns.secure_mode,
         records=ns.records,
         seq_len=ns.seq_len,
