@@ -379,9 +379,17 @@ def check_per_sample_losses_and_gradients(
         with isolated(model, tensors) as replay:
             for batch in (probe, neighbour):
                 replay()
-                with forward_context():
-                    losses, _ = per_sample_loss(model, batch)
-                controller.check_batch_size(losses.shape[0])
+                try:
+                    with forward_context():
+                        losses, _ = per_sample_loss(model, batch)
+                    controller.check_batch_size(losses.shape[0])
+                except SampleMixingError:
+                    raise
+                except UnsupportedLayoutError as err:  # say where the batch size comes from
+                    raise UnsupportedLayoutError(
+                        f"{err} (raised on the {rows}-sample synthetic probe of the "
+                        "sample-independence check, before the first training step)"
+                    ) from err
                 if tuple(losses.shape) != (rows,):
                     raise ValueError(
                         f"the per-sample loss returned shape {tuple(losses.shape)} for a batch of "
