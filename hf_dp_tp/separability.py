@@ -165,7 +165,8 @@ def row_digest(t: torch.Tensor) -> torch.Tensor:
     x = t.detach()
     if not (x.is_floating_point() or x.is_complex()):
         x = x.to(torch.float64)
-    x = torch.nan_to_num(x.reshape(x.shape[0], -1).to(torch.float64), 0.0, 0.0, 0.0)
+    x = x.flatten(1) if x.ndim > 1 else x.unsqueeze(1)  # flatten: B may be 0
+    x = torch.nan_to_num(x.to(torch.float64), 0.0, 0.0, 0.0)
     w = torch.sin(torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float64))
     return torch.stack([x.abs().sum(1), x @ w], 1)
 
