@@ -240,6 +240,16 @@ class DPTrainingArguments(TrainingArguments):
             "Trainer's batch-gradient clipping would act on non-private gradients."
         },
     )
+    check_sample_independence: bool = field(
+        default=True,
+        metadata={
+            "help": "Before the first training step, check on a synthetic probe batch that "
+            "replacing one record changes no other sample's per-sample loss or gradient "
+            "(docs/usage.md, 'Samples must not mix'); refuse to train otherwise. Costs two "
+            "forward/backward passes on 4 samples, once. Turning it off voids the guarantee for "
+            "any model or per_sample_loss that mixes samples (warned about)."
+        },
+    )
     average_tokens_across_devices: bool = field(
         default=False,
         metadata={
@@ -275,6 +285,13 @@ class DPTrainingArguments(TrainingArguments):
                 "on the non-private gradient)."
             )
             self.max_grad_norm = 0.0
+        if not self.check_sample_independence:
+            warn_at_caller(
+                "check_sample_independence=False: nothing checks that one record changes only its "
+                "own loss and gradient; a model or per_sample_loss that mixes samples (batch "
+                "statistics, in-batch negatives, a batch that is not dim 0) voids the DP "
+                "guarantee without an error."
+            )
         for name, (is_set, why) in IGNORED_LOADER_SETTINGS.items():
             value = getattr(self, name)
             if is_set(value):

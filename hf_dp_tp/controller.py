@@ -53,6 +53,7 @@ from .parallel import (
     param_layout,
     resolve_mesh,
 )
+from .separability import check_forward
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -248,6 +249,12 @@ class GradSampleControllerTP:
             layout and a clipping method by :func:`hf_dp_tp.layout.model_layout` (kept as
             :attr:`layout`).
         mesh_info: the resolved groups, if the caller already has them.
+        check_sample_independence: on the first train-mode forward with gradients, re-run the
+            forward (under ``no_grad``, hooks idle) on the caller's inputs cut or tiled to 4 rows,
+            once with row 0 replaced, and refuse if any other output row changed
+            (:func:`hf_dp_tp.separability.check_forward`, docs/usage.md "Samples must not
+            mix"): two extra forward passes, once. ``DPTrainer`` runs its own, stronger check
+            (losses and gradients) and turns this one off.
 
     Raises :class:`~hf_dp_tp.grad_samplers.UnsupportedLayoutError` at construction for a
     trainable layer or placement it cannot handle exactly.
@@ -261,6 +268,7 @@ class GradSampleControllerTP:
         loss_reduction: str = "mean",
         grad_sample_mode: str = "tp",
         mesh_info: MeshInfo | None = None,
+        check_sample_independence: bool = True,
     ) -> None:
         check_grad_sample_mode(grad_sample_mode)
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -289,6 +297,7 @@ class GradSampleControllerTP:
         self._skipped_this_pass: set[int] = set()  # params whose weight gradient is skipped
         self._unsharded: dict[int, torch.Tensor] = {}  # FSDP: sharded param id -> unsharded
         self._fsdp_grad_hooks: set[int] = set()  # unsharded stand-ins whose grad is dropped
+        self._independence_pending = check_sample_independence
         try:
             self._attach()
         except BaseException:
@@ -493,7 +502,33 @@ class GradSampleControllerTP:
             )
         self._self_checked.add(id(param))  # its hook is removed at the next forward pass
 
+    def _check_independence(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The first train-mode forward with gradients: :func:`~hf_dp_tp.separability.
+        check_forward` on the caller's inputs (every TP peer — and under FSDP every rank, which
+        runs every micro-batch — takes part: the verdict is agreed over them). It stays pending
+        until it has run and passed."""
+        first = next(
+            (t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.ndim > 0),
+            None,
+        )
+        if first is None:
+            self._independence_pending = False
+            return
+        fsdp = any(
+            isinstance(p, DTensor) and is_fsdp_mesh(p.device_mesh)
+            for p in self.trainable_parameters()
+        )
+        group = True if fsdp else self.mesh.tp_group
+        with self.hooks_disabled():
+            checked = check_forward(
+                module, module.forward, args, kwargs, first.shape[0], group=group
+            )
+        self._independence_pending = not checked
+
     def _new_generation(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._independence_pending and self.hooks_enabled and module.training:
+            if torch.is_grad_enabled():
+                self._check_independence(module, args, kwargs)
         self._generation += 1
         self._seen_batch_sizes = set()
         self._skipped_this_pass = set()

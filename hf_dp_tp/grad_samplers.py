@@ -78,6 +78,10 @@ _MATCHED: dict[type, GradSampler | str] = {}
 
 #: Relative tolerance of the probe check (float64 probe; forwards may compute in fp32 inside).
 PROBE_TOLERANCE = 1e-5
+#: Row scales of the four samples of a float probe input: very different (one near a norm's
+#: eps), and more than two samples, so that a statistic over the batch shows even when it only
+#: appears for batches of three or more.
+PROBE_SCALES = torch.tensor([1.0, 1e-3, 10.0, 0.1], dtype=torch.float64)
 
 
 def register_grad_sampler(
@@ -234,7 +238,7 @@ def _stand_in(module: nn.Module) -> tuple[nn.Module, dict[str, nn.Parameter]]:
 
 def verify_rule(module: nn.Module, sampler: GradSampler) -> str | None:
     """Check ``sampler`` against autograd on ``type(module)``'s own forward: on a float64 probe
-    of two samples (built by ``sampler.probe_input``) with random output gradients, the rule's
+    of four samples (built by ``sampler.probe_input``) with random output gradients, the rule's
     per-sample gradients must equal each sample's autograd gradient to ``PROBE_TOLERANCE``.
     Returns None if they do (or if the rule has no probe input: the controller's first-step
     self-check then remains the only check), else what differed."""
@@ -376,9 +380,9 @@ def _check_dense(module: nn.Module, layouts: Layouts, weight_out_dim: int) -> No
 
 
 def _features_probe(width: int) -> torch.Tensor:
-    """Two samples of three tokens, of very different scales, in float64."""
-    x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return x * torch.tensor([1.0, 1e-3], dtype=torch.float64).view(2, 1, 1)
+    """Four samples of three tokens, of very different scales, in float64."""
+    x = torch.randn(4, 3, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return x * PROBE_SCALES.view(4, 1, 1)
 
 
 def linear_factors(
@@ -483,7 +487,7 @@ def embedding_factors(
     nn.Embedding,
     check=_check_embedding,
     probe_input=lambda m: torch.randint(
-        0, m.num_embeddings, (2, 3), generator=torch.Generator().manual_seed(0)
+        0, m.num_embeddings, (4, 3), generator=torch.Generator().manual_seed(0)
     ),
     factors=embedding_factors,
 )
@@ -509,12 +513,13 @@ def _norm_feature_check(
 
 
 def _norm_probe_input(layer: nn.Module) -> torch.Tensor:
-    """Two samples of three tokens over the weight's trailing shape, of very different scales
-    (the second comparable to eps), so a wrong eps or a cross-sample statistic shows."""
+    """Four samples of three tokens over the weight's trailing shape, of very different scales
+    (one comparable to eps), so a wrong eps or a cross-sample statistic shows (also one that
+    only appears above two samples)."""
     shape = tuple(layer.weight.shape) if isinstance(layer.weight, torch.Tensor) else ()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, *shape, generator=g, dtype=torch.float64)
-    return x * torch.tensor([1.0, 1e-3], dtype=torch.float64).view(2, *([1] * (x.ndim - 1)))
+    x = torch.randn(4, 3, *shape, generator=g, dtype=torch.float64)
+    return x * PROBE_SCALES.view(4, *([1] * (x.ndim - 1)))
 
 
 def _token_sum_of_products(

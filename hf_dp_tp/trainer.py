@@ -258,6 +258,7 @@ class DPTrainer(Trainer):
             grad_sample_mode=args.grad_sample_mode,
             mesh_info=self.mesh_info,
             loss_reduction="mean",
+            check_sample_independence=False,  # DPTrainer's own check: _check_sample_independence
         )
         self.per_sample_loss = per_sample_loss or default_per_sample_loss
         self._privacy_plan: PrivacyPlan | None = None
@@ -602,6 +603,7 @@ class DPTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         self._check_same_batch_on_tp_peers(inputs)
+        self._check_sample_independence(model)
         # FSDP: the clipped sums are reduce-scattered per micro-batch (held at 1/dp_shard), a
         # collective every DP rank joins after each micro-batch, empty ones included
         stream = self._fsdp
@@ -621,6 +623,39 @@ class DPTrainer(Trainer):
                 self._dp_optimizer.clip_and_accumulate()
             loss = _finite_mean(losses.detach())
         return loss / self.current_gradient_accumulation_steps
+
+    def _check_sample_independence(self, model: nn.Module) -> None:
+        """Once per run, before the first micro-batch, on every rank at once: replacing one record
+        of a synthetic 4-sample probe (built from the structure of the training set's first
+        record, identical on every rank) must change no other sample's per-sample loss or
+        gradient (:func:`hf_dp_tp.separability.check_per_sample_losses_and_gradients`;
+        ``check_sample_independence`` turns it off)."""
+        if getattr(self, "_sample_independence_checked", False):
+            return
+        self._sample_independence_checked = True
+        if not self.args.check_sample_independence or self._train_collate is None:
+            return
+        from .losses import _is_causal_lm
+        from .separability import check_per_sample_losses_and_gradients, is_half, synthetic_probe
+
+        collate = self._train_collate
+        example = self._prepare_inputs(collate.collate_fn([collate.dataset[0]]))
+        config = getattr(model, "config", None)
+        probe, neighbour = synthetic_probe(
+            example,
+            vocab_size=getattr(config, "vocab_size", None),
+            causal_lm=_is_causal_lm(model),
+        )
+        check_per_sample_losses_and_gradients(
+            model,
+            self.grad_sample_controller,
+            self.per_sample_loss,
+            probe,
+            neighbour,
+            backward=self.accelerator.backward,
+            forward_context=self.compute_loss_context_manager,
+            half=self.args.bf16 or is_half(*(p.dtype for p in model.parameters())),
+        )
 
     def _run_discarded_stand_in(self, model: nn.Module) -> None:
         """Under FSDP every DP rank must run each micro-batch's forward and backward (FSDP's

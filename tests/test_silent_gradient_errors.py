@@ -118,7 +118,7 @@ def test_dptrainer_refuses_a_sequence_first_model_before_any_step(tmp_path):
             train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
             per_sample_loss=_sequence_first_loss,
         )
-        with pytest.raises(UnsupportedLayoutError, match=r"'embed'.*size 5.*batch is 8.*\[B, T"):
+        with pytest.raises(UnsupportedLayoutError, match=r"'embed'.*size 5.*batch is \d.*\[B, T"):
             trainer.train()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
 
