@@ -303,8 +303,7 @@ def _integrity_worker(rank: int, world: int, model_dir: str, root: str) -> dict:
 
     # a check that fails on one rank only: every rank raises at once, with the reason
     one_rank = {
-        name: os.path.join(tampered, name)
-        for name in ("payload-rank0", "stale-optimizer-rank1")
+        name: os.path.join(tampered, name) for name in ("payload-rank0", "stale-optimizer-rank1")
     }
     if rank == 0:
         shutil.copytree(ck3, one_rank["payload-rank0"])
@@ -336,8 +335,7 @@ def _integrity_worker(rank: int, world: int, model_dir: str, root: str) -> dict:
     # rank 1 reads its own (corrupt) copy of the checkpoint, as on a node without a shared disk
     timed("corrupt_ledger_rank1_only", resume_from(ck3 if rank == 0 else corrupt, **short))
     results["one_rank_payload_ran"] = any(
-        os.path.exists(os.path.join(root, name))
-        for name in ("payload-ran-rank0-only",)
+        os.path.exists(os.path.join(root, name)) for name in ("payload-ran-rank0-only",)
     )
     return results
 
