@@ -6,10 +6,13 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # Public names -> the submodule that defines them. Imported on first use (PEP 562), so that
-# `import hf_dp_tp.controller` does not pull in transformers' Trainer.
+# `import hf_dp_tp.controller` does not pull in transformers' Trainer, and `import hf_dp_tp` does
+# not need the optional trl (DPSFTTrainer / DPSFTConfig raise an ImportError naming the extra).
 _EXPORTS = {
     "Conv1DParallel": "tp_plans",
     "DPOptimizerTP": "optimizer",
+    "DPSFTConfig": "sft",
+    "DPSFTTrainer": "sft",
     "DPTrainer": "trainer",
     "DPTrainingArguments": "arguments",
     "DistributedPoissonBatchSampler": "sampling",
@@ -38,6 +41,8 @@ _EXPORTS = {
 __all__ = [
     "Conv1DParallel",
     "DPOptimizerTP",
+    "DPSFTConfig",
+    "DPSFTTrainer",
     "DPTrainer",
     "DPTrainingArguments",
     "DistributedPoissonBatchSampler",
@@ -100,5 +105,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         set_collective_timeout,
     )
     from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
+    from .sft import DPSFTConfig, DPSFTTrainer
     from .tp_plans import Conv1DParallel, gpt2_tp_plan
     from .trainer import DPTrainer

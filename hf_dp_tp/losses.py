@@ -19,6 +19,12 @@ IGNORE_INDEX = -100
 PerSampleLoss = Callable[[nn.Module, Mapping[str, Any]], tuple[torch.Tensor, Any]]
 
 
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision values upcast to float32 for the loss; float32 and float64 kept as they are
+    (a float64 run keeps float64 losses)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def token_mean_per_sample(
     logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True
 ) -> torch.Tensor:
@@ -28,7 +34,7 @@ def token_mean_per_sample(
         logits, labels = logits[:, :-1], labels[:, 1:]
     labels = labels.to(logits.device)
     per_token = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
+        _at_least_fp32(logits).reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
@@ -65,8 +71,12 @@ def default_per_sample_loss(
         return token_mean_per_sample(logits, labels, shift=_is_causal_lm(model)), outputs
     if logits.ndim == 2 and labels.ndim == 1:
         if logits.shape[-1] == 1 and labels.is_floating_point():
-            return (logits.squeeze(-1).float() - labels.float()).pow(2), outputs
-        return F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none"), outputs
+            logits = _at_least_fp32(logits)
+            return (logits.squeeze(-1) - labels.to(logits.dtype)).pow(2), outputs
+        return (
+            F.cross_entropy(_at_least_fp32(logits), labels.to(logits.device), reduction="none"),
+            outputs,
+        )
     raise ValueError(
         f"cannot infer a per-sample loss for logits {tuple(logits.shape)} and labels "
         f"{tuple(labels.shape)}; pass per_sample_loss=... to DPTrainer."
