@@ -546,12 +546,19 @@ def check_tp_divisibility(config, tp_size: int) -> None:
     if config is None or tp_size == 1:
         return
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for field in ("num_attention_heads", "num_key_value_heads"):
-        heads = getattr(text_config, field, None)
-        if isinstance(heads, int) and heads % tp_size != 0:
+    heads = {
+        field: getattr(text_config, field, None)
+        for field in ("num_attention_heads", "num_key_value_heads")
+    }
+    heads = {field: n for field, n in heads.items() if isinstance(n, int) and n > 0}
+    for field, n in heads.items():
+        if n % tp_size != 0:
+            # a tp_size must divide every head count: suggest only the common divisors
+            common = [d for d in range(1, n + 1) if all(m % d == 0 for m in heads.values())]
+            counts = ", ".join(f"{f}={m}" for f, m in heads.items())
             raise ValueError(
-                f"{field}={heads} is not divisible by tp_size={tp_size}: choose a tp_size that "
-                f"divides it (e.g. {[d for d in range(1, heads + 1) if heads % d == 0]})."
+                f"{field}={n} is not divisible by tp_size={tp_size}: choose a tp_size that "
+                f"divides every head count ({counts}), e.g. {common}."
             )
 
 
