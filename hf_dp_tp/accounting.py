@@ -6,14 +6,52 @@ an identical accountant, rank 0 reports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
+
+# RDP orders for the "rdp" accountant: opacus's default grid stops at 63, where the optimum
+# sits for small σ or many steps (opacus then warns that a wider grid would give a tighter ε);
+# every order gives a valid bound, so more orders can only tighten the reported ε.
+RDP_ORDERS: tuple[float, ...] = (
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *range(12, 64),
+    *(64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 2048, 4096),
+)
+
+_LARGEST_ALPHA = "Optimal order is the largest alpha"
+
+
+@contextlib.contextmanager
+def _quiet_prv_domain_bound(mechanism: str) -> Iterator[None]:
+    """opacus's PRV accountant sizes its truncation domain [-L, L] from an RDP bound computed with
+    RDP's default orders (``compute_safe_domain_size``), and warns when the best of them is the
+    largest. That bound only sets L: any order gives a valid upper bound, so a non-optimal order
+    makes L larger — a wider domain, smaller truncation error — and the ε PRV reports stays an
+    upper bound. The warning is harmless there and is silenced for PRV calls only; the "rdp"
+    accountant gets a wider grid instead (``RDP_ORDERS``), so its warning keeps its meaning."""
+    if mechanism != "prv":
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=_LARGEST_ALPHA,
+            category=UserWarning,
+            module=r"opacus\.accountants\.analysis\.rdp",
+        )
+        yield
+
+
+def _epsilon_kwargs(mechanism: str) -> dict[str, Any]:
+    return {"alphas": list(RDP_ORDERS)} if mechanism == "rdp" else {}
 
 
 def make_accountant(name: str) -> IAccountant:
@@ -40,7 +78,9 @@ def epsilon_spent(accountant: IAccountant, delta: float) -> float:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in accountant.history):
         return math.inf
-    return float(accountant.get_epsilon(delta=delta))
+    mechanism = accountant.mechanism()
+    with _quiet_prv_domain_bound(mechanism):
+        return float(accountant.get_epsilon(delta=delta, **_epsilon_kwargs(mechanism)))
 
 
 def calibrate_noise_multiplier(
@@ -64,15 +104,17 @@ def calibrate_noise_multiplier(
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
+        with _quiet_prv_domain_bound(accountant):
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=target_delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    **_epsilon_kwargs(accountant),
+                )
             )
-        )
     except (ValueError, RuntimeError, OverflowError) as err:
         raise ValueError(
             f"target_epsilon={target_epsilon} at delta={target_delta} is unreachable with sampling "
