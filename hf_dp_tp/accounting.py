@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
@@ -30,17 +32,23 @@ _LARGEST_ALPHA = "Optimal order is the largest alpha"
 
 
 @contextlib.contextmanager
-def _quiet_prv_domain_bound(mechanism: str) -> Iterator[None]:
-    """opacus's PRV accountant sizes its truncation domain [-L, L] from an RDP bound computed with
-    RDP's default orders (``compute_safe_domain_size``), and warns when the best of them is the
-    largest. That bound only sets L: any order gives a valid upper bound, so a non-optimal order
-    makes L larger — a wider domain, smaller truncation error — and the ε PRV reports stays an
-    upper bound. The warning is harmless there and is silenced for PRV calls only; the "rdp"
-    accountant gets a wider grid instead (``RDP_ORDERS``), so its warning keeps its meaning."""
+def _quiet_prv(mechanism: str, sample_rates: Iterable[float]) -> Iterator[None]:
+    """Silence two harmless opacus PRV warnings, for PRV calls only.
+
+    - "Optimal order is the largest alpha": PRV sizes its truncation domain [-L, L] from an RDP
+      bound over RDP's default orders (``compute_safe_domain_size``). That bound only sets L; any
+      order gives a valid upper bound, so a non-optimal one makes L larger — a wider domain, a
+      smaller truncation error — and the ε PRV reports stays an upper bound. (The "rdp"
+      accountant gets a wider grid instead, ``RDP_ORDERS``, so its warning keeps its meaning.)
+    - numpy's "divide by zero encountered in log" at q = 1 (no subsampling, as in the audit):
+      the PRV's CDF compares t with log(1 - q) = log 0 = -inf, which every t passes — the right
+      limit (the plain Gaussian mechanism); only that log is affected.
+    """
     if mechanism != "prv":
         yield
         return
-    with warnings.catch_warnings():
+    full_batch = any(q == 1 for q in sample_rates)
+    with warnings.catch_warnings(), np.errstate(divide="ignore" if full_batch else "warn"):
         warnings.filterwarnings(
             "ignore",
             message=_LARGEST_ALPHA,
@@ -79,7 +87,7 @@ def epsilon_spent(accountant: IAccountant, delta: float) -> float:
     if any(sigma == 0 for sigma, _, _ in accountant.history):
         return math.inf
     mechanism = accountant.mechanism()
-    with _quiet_prv_domain_bound(mechanism):
+    with _quiet_prv(mechanism, (q for _, q, _ in accountant.history)):
         return float(accountant.get_epsilon(delta=delta, **_epsilon_kwargs(mechanism)))
 
 
@@ -104,7 +112,7 @@ def calibrate_noise_multiplier(
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        with _quiet_prv_domain_bound(accountant):
+        with _quiet_prv(accountant, (sample_rate,)):
             return float(
                 get_noise_multiplier(
                     target_epsilon=target_epsilon,

@@ -132,7 +132,8 @@ def test_zero_noise_reports_infinite_epsilon_without_crashing():
 def test_prv_accounting_is_quiet_and_rdp_uses_a_wider_order_grid():
     """opacus's PRV accountant sizes its domain with an RDP bound over RDP's default orders and
     warns "Optimal order is the largest alpha" on the demo's settings (σ ≈ 0.62, q = 0.04): the
-    warning concerns only that (conservative) domain size, so PRV calls are silent. The "rdp"
+    warning concerns only that (conservative) domain size, so PRV calls are silent, as they are
+    at q = 1 (numpy's divide by zero in log(1 - q)). The "rdp"
     accountant evaluates a wider grid: a tighter ε where opacus's optimum was its largest order."""
     from opacus.accountants import RDPAccountant
 
@@ -146,6 +147,11 @@ def test_prv_accounting_is_quiet_and_rdp_uses_a_wider_order_grid():
         prv = make_accountant("prv")
         prv.history = [(sigma, 0.04, 5)]
         assert 0 < epsilon_spent(prv, 1e-5) < 8.0
+        # q = 1 (the audit's full batches): log(1 - q) = -inf in opacus's PRV is the right limit
+        full = make_accountant("prv")
+        full.history = [(4.0, 1.0, 4)]
+        assert 1.9 < epsilon_spent(full, 1e-5) < 2.1
+        calibrate_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=1.0, steps=4)
     assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
 
     large_sigma = [(5.0, 0.01, 10)]  # opacus's best order is its largest, 63 (ours: 192)
