@@ -59,6 +59,18 @@ def test_privacy_arguments_are_validated():
     assert args.max_grad_norm == 0.0 and not args.average_tokens_across_devices
 
 
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, float("inf")])
+def test_a_target_epsilon_out_of_range_says_what_epsilon_means(epsilon):
+    from hf_dp_tp import DPTrainingArguments
+
+    with pytest.raises(ValueError) as info:
+        DPTrainingArguments(output_dir="/tmp/unused", report_to=[], target_epsilon=epsilon)
+    message = str(info.value)
+    assert "target_epsilon must be a positive finite number" in message
+    assert "one training record" in message and "Typical values" in message
+    assert "noise_multiplier" in message  # the way to train without a budget
+
+
 def test_parallelism_config_sets_the_mesh_or_is_refused():
     from accelerate import ParallelismConfig
 
