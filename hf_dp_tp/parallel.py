@@ -10,9 +10,11 @@ names one of those groups, never WORLD.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -392,15 +394,33 @@ def full_state_dict(
     stay one tensor, as ``save_pretrained`` expects."""
     gathered: dict[int, torch.Tensor] = {}
     out = {}
-    for name, tensor in model.state_dict().items():
-        if not isinstance(tensor, torch.Tensor) or (keep is not None and not keep(name)):
-            continue
-        key = id(tensor)
-        if key not in gathered:
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            gathered[key] = full.detach().to("cpu", copy=True).contiguous()
-        out[name] = gathered[key]
+    with _quiet_sequential_gathers():
+        for name, tensor in model.state_dict().items():
+            if not isinstance(tensor, torch.Tensor) or (keep is not None and not keep(name)):
+                continue
+            key = id(tensor)
+            if key not in gathered:
+                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                gathered[key] = full.detach().to("cpu", copy=True).contiguous()
+            out[name] = gathered[key]
     return out
+
+
+@contextlib.contextmanager
+def _quiet_sequential_gathers() -> Iterator[None]:
+    """Gathering an FSDP × TP parameter (``_StridedShard`` over dp, ``Shard`` over tp) to
+    ``Replicate`` takes two all-gathers, one per mesh dim, and torch's DTensor logs a warning that
+    this is "suboptimal" and "may give inconsistent results between ranks due to different
+    reduction orders". An all-gather reduces nothing — every rank receives the same bytes — so the
+    gathered tensor is exact; the extra latency is one more gather per parameter when a full
+    checkpoint is written. That logger is raised to ERROR for these gathers only."""
+    redistribute_logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute_logger.level
+    redistribute_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        redistribute_logger.setLevel(level)
 
 
 def is_fsdp_mesh(mesh: DeviceMesh) -> bool:
