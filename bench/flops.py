@@ -18,8 +18,8 @@ later steps skip):
   clipping, the clipped sum, noise) — per-sample gradients materialised;
 - ``ghost``: the same with ghost norms and the book-keeping clipped sum.
 
-``ratio_<mode>`` = FLOPs of the mode / FLOPs of ``non_private``. Goals (docs/performance
-numbers in the README): ``hooks`` ≤ 1.05, ``ghost`` ≤ 1.30 at ``--preset issue`` (B = 8,
+``ratio_<mode>`` = FLOPs of the mode / FLOPs of ``non_private``. Goals (numbers in
+docs/performance.md): ``hooks`` ≤ 1.05, ``ghost`` ≤ 1.30 at ``--preset issue`` (B = 8,
 T = 256, hidden 512, 2 layers, vocab 4096). Counting runs real kernels on the CPU, so big
 shapes are slow; FLOP ratios depend on B, T and the layer widths, not on the number of layers.
 """

@@ -68,13 +68,15 @@ DEMO_CONFIG = DATA_DIR / "tiny_llama"
 DEMO_PROMPT = "Ms. Vera Thistle, 52, was seen today"
 
 # The embedded demo: tp=2 on 2 processes, 1600 records, expected batch 64 (q = 0.04), 3 epochs.
+# The logical batch B̄ is fixed, not the per-device one: on 4 processes (dp=2) each DP rank draws
+# 32 records per step on average, and B̄ and q stay those of the 2-process demo.
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/clinic-notes-dp-tp",
     "tp_size": 2,
     "target_epsilon": 8.0,
     "target_delta": 1e-5,
     "per_sample_max_grad_norm": 1.0,
-    "per_device_train_batch_size": 64,
+    "logical_batch_size": 64,
     "per_device_eval_batch_size": 100,
     "num_train_epochs": 3.0,
     "learning_rate": 2e-2,
@@ -156,6 +158,16 @@ class RunArguments:
             "saved model of an earlier run). Without it such a directory is refused."
         },
     )
+    logical_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Expected logical batch B̄ (records per optimizer step, over all DP ranks; "
+            "q = B̄ / N). per_device_train_batch_size is derived from it as B̄ / (dp_size x "
+            "gradient_accumulation_steps), so B̄ and q do not change with the number of "
+            "processes. Demo default: 64, unless --per_device_train_batch_size is given (then "
+            "B̄ = per-device batch x accumulation x dp_size)."
+        },
+    )
     prompt: str = field(
         default=DEMO_PROMPT,
         metadata={"help": "Start of the note the trained model completes at the end ('' skips)."},
@@ -219,12 +231,25 @@ def parse_args(
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         with open(os.path.abspath(sys.argv[1])) as f:
             given = json.load(f)
-        return parser.parse_dict({**defaults, **_privacy_default(given), **given})
-    parser.set_defaults(**defaults, target_epsilon=_NOT_GIVEN, noise_multiplier=_NOT_GIVEN)
+        return parser.parse_dict(
+            {**defaults, **_privacy_default(given), **_batch_default(given), **given}
+        )
+    per_device_default = parser.get_default("per_device_train_batch_size")
+    tracked = ("target_epsilon", "noise_multiplier", "logical_batch_size")
+    parser.set_defaults(
+        **{**defaults, **dict.fromkeys((*tracked, "per_device_train_batch_size"), _NOT_GIVEN)}
+    )
     given, _ = parser.parse_known_args(args=argv)
     given = {k: v for k, v in vars(given).items() if v is not _NOT_GIVEN}
     parser.set_defaults(
-        **{"target_epsilon": None, "noise_multiplier": None, **_privacy_default(given)}
+        **{
+            "target_epsilon": None,
+            "noise_multiplier": None,
+            "per_device_train_batch_size": per_device_default,
+            "logical_batch_size": DEMO_DEFAULTS["logical_batch_size"],
+            **_privacy_default(given),
+            **_batch_default(given),
+        }
     )
     return parser.parse_args_into_dataclasses(args=argv)
 
@@ -238,6 +263,38 @@ def _privacy_default(given: dict[str, Any]) -> dict[str, Any]:
     if "target_epsilon" in given or "noise_multiplier" in given:
         return {}
     return {"target_epsilon": DEMO_DEFAULTS["target_epsilon"]}
+
+
+def _batch_default(given: dict[str, Any]) -> dict[str, Any]:
+    """No demo B̄ when the user sets the per-device batch; both at once are refused."""
+    if "per_device_train_batch_size" not in given:
+        return {}
+    if given.get("logical_batch_size") is not None:
+        raise ValueError(
+            "give one of --logical_batch_size (B̄ over all DP ranks) and "
+            "--per_device_train_batch_size, not both: the one determines the other."
+        )
+    return {"logical_batch_size": None}
+
+
+def apply_logical_batch(args: DPTrainingArguments, run_args: RunArguments) -> None:
+    """Set ``per_device_train_batch_size`` to B̄ / (dp_size × gradient_accumulation_steps) for
+    ``--logical_batch_size`` B̄, with dp_size = world size / tp_size (a collective-free read of
+    the launch: torchrun / accelerate set the world size). A B̄ that does not split evenly is
+    refused."""
+    target = run_args.logical_batch_size
+    if target is None:
+        return
+    dp_size = max(1, args.world_size // args.tp_size)
+    per_step = dp_size * args.gradient_accumulation_steps
+    if target < 1 or target % per_step:
+        raise ValueError(
+            f"--logical_batch_size {target} must be a positive multiple of dp_size x "
+            f"gradient_accumulation_steps = {dp_size} x {args.gradient_accumulation_steps}: "
+            f"choose e.g. {max(1, round(target / per_step)) * per_step}, or give "
+            "--per_device_train_batch_size instead."
+        )
+    args.per_device_train_batch_size = target // per_step
 
 
 def load_raw_datasets(data_args: DataArguments, seed: int) -> datasets.DatasetDict:
@@ -397,6 +454,7 @@ def perplexity(metrics: dict[str, float]) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, training_args, run_args = parse_args(argv)
     check_output_dir(training_args, run_args)
+    apply_logical_batch(training_args, run_args)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",

@@ -6,9 +6,13 @@ an identical accountant, rank 0 reports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
@@ -18,6 +22,48 @@ ACCOUNTANTS = ("prv", "rdp", "gdp")
 #: approximation) reports less than a proven lower bound on ε in many settings (docs/usage.md,
 #: "Privacy accounting"). They must be acknowledged with ``allow_approximate_accountant=True``.
 APPROXIMATE_ACCOUNTANTS = ("gdp",)
+
+# RDP orders for the "rdp" accountant: opacus's default grid stops at 63, where the optimum
+# sits for small σ or many steps (opacus then warns that a wider grid would give a tighter ε);
+# every order gives a valid bound, so more orders can only tighten the reported ε.
+RDP_ORDERS: tuple[float, ...] = (
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *range(12, 64),
+    *(64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 2048, 4096),
+)
+
+_LARGEST_ALPHA = "Optimal order is the largest alpha"
+
+
+@contextlib.contextmanager
+def _quiet_prv(mechanism: str, sample_rates: Iterable[float]) -> Iterator[None]:
+    """Silence two harmless opacus PRV warnings, for PRV calls only.
+
+    - "Optimal order is the largest alpha": PRV sizes its truncation domain [-L, L] from an RDP
+      bound over RDP's default orders (``compute_safe_domain_size``). That bound only sets L; any
+      order gives a valid upper bound, so a non-optimal one makes L larger — a wider domain, a
+      smaller truncation error — and the ε PRV reports stays an upper bound. (The "rdp"
+      accountant gets a wider grid instead, ``RDP_ORDERS``, so its warning keeps its meaning.)
+    - numpy's "divide by zero encountered in log" at q = 1 (no subsampling, as in the audit):
+      the PRV's CDF compares t with log(1 - q) = log 0 = -inf, which every t passes — the right
+      limit (the plain Gaussian mechanism); only that log is affected.
+    """
+    if mechanism != "prv":
+        yield
+        return
+    full_batch = any(q == 1 for q in sample_rates)
+    with warnings.catch_warnings(), np.errstate(divide="ignore" if full_batch else "warn"):
+        warnings.filterwarnings(
+            "ignore",
+            message=_LARGEST_ALPHA,
+            category=UserWarning,
+            module=r"opacus\.accountants\.analysis\.rdp",
+        )
+        yield
+
+
+def _epsilon_kwargs(mechanism: str) -> dict[str, Any]:
+    return {"alphas": list(RDP_ORDERS)} if mechanism == "rdp" else {}
 
 
 def epsilon_is_upper_bound(name: str) -> bool:
@@ -71,7 +117,9 @@ def epsilon_spent(accountant: IAccountant, delta: float) -> float:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in accountant.history):
         return math.inf
-    return float(accountant.get_epsilon(delta=delta))
+    mechanism = accountant.mechanism()
+    with _quiet_prv(mechanism, (q for _, q, _ in accountant.history)):
+        return float(accountant.get_epsilon(delta=delta, **_epsilon_kwargs(mechanism)))
 
 
 def calibrate_noise_multiplier(
@@ -98,15 +146,17 @@ def calibrate_noise_multiplier(
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
+        with _quiet_prv(accountant, (sample_rate,)):
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=target_delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    **_epsilon_kwargs(accountant),
+                )
             )
-        )
     except (ValueError, RuntimeError, OverflowError) as err:
         raise ValueError(
             f"target_epsilon={target_epsilon} at delta={target_delta} is unreachable with sampling "

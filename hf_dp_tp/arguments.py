@@ -470,7 +470,12 @@ class DPTrainingArguments(TrainingArguments):
             self.target_epsilon > 0 and math.isfinite(self.target_epsilon)
         ):
             raise ValueError(
-                f"target_epsilon must be a positive finite number, got {self.target_epsilon}"
+                f"target_epsilon must be a positive finite number, got {self.target_epsilon}. "
+                "ε bounds how much any one training record can change what the trained model "
+                "reveals (by a factor of at most e^ε, except with probability δ): ε = 0 would "
+                "mean the model learns nothing from the data, and no finite σ reaches it. "
+                "Typical values: 1-3 (strong), around 8 (common for fine-tuning), up to 10; to "
+                "train without a budget give noise_multiplier instead."
             )
         if self.noise_multiplier is not None:
             if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):

@@ -8,6 +8,7 @@ gradient with the others — so it is never used here.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,7 +64,18 @@ def default_per_sample_loss(
     ids = inputs.get("input_ids")
     if ids is not None and "position_ids" not in inputs and _accepts(model, "position_ids"):
         inputs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    outputs = model(**inputs)
+    with warnings.catch_warnings():
+        # FSDP2 warns when the root module's output is a view (a TP model's logits can come
+        # back from the output gather as one): an in-place op on it would drop FSDP's
+        # pre-backward hook. This loss only reads the outputs (slicing, reshape,
+        # cross-entropy: all out of place), so the warning is silenced for this forward; a
+        # user's per_sample_loss still gets it.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"FSDP2-wrapped module .* returned a view tensor",
+            category=UserWarning,
+        )
+        outputs = model(**inputs)
     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
     if hasattr(logits, "full_tensor"):
         logits = logits.full_tensor()

@@ -10,9 +10,11 @@ names one of those groups, never WORLD.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -392,15 +394,33 @@ def full_state_dict(
     stay one tensor, as ``save_pretrained`` expects."""
     gathered: dict[int, torch.Tensor] = {}
     out = {}
-    for name, tensor in model.state_dict().items():
-        if not isinstance(tensor, torch.Tensor) or (keep is not None and not keep(name)):
-            continue
-        key = id(tensor)
-        if key not in gathered:
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            gathered[key] = full.detach().to("cpu", copy=True).contiguous()
-        out[name] = gathered[key]
+    with _quiet_sequential_gathers():
+        for name, tensor in model.state_dict().items():
+            if not isinstance(tensor, torch.Tensor) or (keep is not None and not keep(name)):
+                continue
+            key = id(tensor)
+            if key not in gathered:
+                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                gathered[key] = full.detach().to("cpu", copy=True).contiguous()
+            out[name] = gathered[key]
     return out
+
+
+@contextlib.contextmanager
+def _quiet_sequential_gathers() -> Iterator[None]:
+    """Gathering an FSDP × TP parameter (``_StridedShard`` over dp, ``Shard`` over tp) to
+    ``Replicate`` takes two all-gathers, one per mesh dim, and torch's DTensor logs a warning that
+    this is "suboptimal" and "may give inconsistent results between ranks due to different
+    reduction orders". An all-gather reduces nothing — every rank receives the same bytes — so the
+    gathered tensor is exact; the extra latency is one more gather per parameter when a full
+    checkpoint is written. That logger is raised to ERROR for these gathers only."""
+    redistribute_logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute_logger.level
+    redistribute_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        redistribute_logger.setLevel(level)
 
 
 def is_fsdp_mesh(mesh: DeviceMesh) -> bool:
@@ -546,12 +566,19 @@ def check_tp_divisibility(config, tp_size: int) -> None:
     if config is None or tp_size == 1:
         return
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for field in ("num_attention_heads", "num_key_value_heads"):
-        heads = getattr(text_config, field, None)
-        if isinstance(heads, int) and heads % tp_size != 0:
+    heads = {
+        field: getattr(text_config, field, None)
+        for field in ("num_attention_heads", "num_key_value_heads")
+    }
+    heads = {field: n for field, n in heads.items() if isinstance(n, int) and n > 0}
+    for field, n in heads.items():
+        if n % tp_size != 0:
+            # a tp_size must divide every head count: suggest only the common divisors
+            common = [d for d in range(1, n + 1) if all(m % d == 0 for m in heads.values())]
+            counts = ", ".join(f"{f}={m}" for f, m in heads.items())
             raise ValueError(
-                f"{field}={heads} is not divisible by tp_size={tp_size}: choose a tp_size that "
-                f"divides it (e.g. {[d for d in range(1, heads + 1) if heads % d == 0]})."
+                f"{field}={n} is not divisible by tp_size={tp_size}: choose a tp_size that "
+                f"divides every head count ({counts}), e.g. {common}."
             )
 
 

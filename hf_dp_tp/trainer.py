@@ -51,6 +51,7 @@ from .checkpoint import (
     write_secrets_file,
 )
 from .controller import GradSampleControllerTP
+from .dataset_checks import check_tokenised
 from .layout import PLAIN, TP, infer_layout, model_layout
 from .lora import peft_tp_plan, prepare_lora_for_tp, save_lora_adapter
 from .losses import PerSampleLoss, default_per_sample_loss
@@ -223,6 +224,11 @@ class DPTrainer(Trainer):
             raise ValueError("DPTrainer needs a model (model_init is not supported).")
         if kwargs.get("train_dataset") is not None:
             check_dataset_size(kwargs["train_dataset"])  # empty or iterable: refused up front
+            check_tokenised(
+                kwargs["train_dataset"],
+                data_collator=kwargs.get("data_collator"),
+                per_sample_loss=per_sample_loss,
+            )
         _ = args.device  # under torchrun/accelerate this initialises torch.distributed
         self.device_mesh = self._build_mesh(args)
         if self.device_mesh is not None:

@@ -8,6 +8,7 @@ when enough GPUs exist, gloo on CPU otherwise, so the same tests run in CI.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -156,11 +157,23 @@ def run_on_two_local_nodes(target: list[str], nproc_per_node: int = 2, timeout: 
     return outputs[0][0]
 
 
-def run_script(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 420) -> str:
+def run_script(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: int = 420, *, quiet: bool = False
+) -> str:
     """Run ``cmd`` from the repo root; fail with the tail of its output unless it exits 0.
-    Returns its stdout."""
+    Returns its stdout. ``quiet``: also fail if its stderr has a warning (see
+    :func:`warning_lines`)."""
     done = subprocess.run(
         cmd, env=env or script_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    if quiet:
+        assert not warning_lines(done.stderr), "\n".join(warning_lines(done.stderr))
     return done.stdout
+
+
+def warning_lines(stderr: str) -> list[str]:
+    """Lines of a script's stderr that are warnings: Python ``warnings`` (``...Warning: ...``) and
+    torch's logged ones (``W1208 02:13:23.646000 ...``, with an optional ``[rankN]:`` prefix)."""
+    pattern = re.compile(r"\w+Warning: |^(\[rank\d+\]:)?W\d{4} \d")
+    return [line for line in stderr.splitlines() if pattern.search(line)]

@@ -443,3 +443,18 @@ if __name__ == "__main__":  # the table of docs/audit.md: python -m tests.test_a
             f"{report['correct']}/{report['guesses']} | "
             f"{report['diagnostics']['noise_std_ratio']:.2f} |"
         )
+
+
+def test_batch_settings_never_ask_for_more_than_the_records():
+    """docs/audit.md's command (16 records + 1000 canaries, q = 1, dp=2 × 8 micro-batches):
+    the nearest per-device batch, 64, would make B̄ = 1024 > 1016 indices, which DPTrainer
+    refuses; the batch is capped so that q ≤ 1."""
+    from hf_dp_tp.audit.run import AuditConfig, batch_settings
+
+    config = AuditConfig(
+        noise_multiplier=4.0, sample_rate=1.0, gradient_accumulation_steps=8, records=16
+    )
+    per_device, q = batch_settings(config, dp_size=2)
+    assert per_device * 2 * 8 <= 1016 and q <= 1.0 and per_device == 63
+    exact = dataclasses.replace(config, records=8)  # the tests' setting: q = 1 exactly
+    assert batch_settings(exact, dp_size=2) == (63, 1.0)

@@ -1,5 +1,5 @@
-"""The coverage matrix (scripts/coverage_matrix.py): the README table is the one generated from
-docs/coverage.json, no architecture trains with an update different from single-process DP-SGD
+"""The coverage matrix (scripts/coverage_matrix.py): the table in docs/coverage.md and the README's
+summary line are the ones generated from docs/coverage.json, no architecture trains with an update different from single-process DP-SGD
 (each is equal or refused with a reason), and a few rows re-run live give the recorded result."""
 
 from __future__ import annotations
@@ -22,12 +22,17 @@ def _recorded() -> dict:
     return json.loads((ROOT / "docs" / "coverage.json").read_text())
 
 
-def test_readme_table_is_generated_from_the_recorded_matrix():
+def _between_markers(script, path) -> str:
+    text = path.read_text()
+    return text[text.index(script.START) + len(script.START) : text.index(script.END)].strip()
+
+
+def test_coverage_page_and_readme_line_are_generated_from_the_recorded_matrix():
     script, recorded = _script(), _recorded()
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index(script.START) + len(script.START)
-    table = readme[start : readme.index(script.END)].strip()
+    table = _between_markers(script, ROOT / "docs" / "coverage.md")
     assert table == script.render_table(recorded["rows"], recorded["versions"])
+    summary = _between_markers(script, ROOT / "README.md")
+    assert summary == script.render_summary(recorded["rows"], recorded["versions"])
 
 
 def test_no_architecture_trains_with_a_different_update():

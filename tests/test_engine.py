@@ -127,3 +127,41 @@ def test_zero_noise_reports_infinite_epsilon_without_crashing():
         warnings.simplefilter("always")
         make_accountant("gdp", allow_approximate_accountant=True)
     assert any("understate" in str(w.message) for w in caught)
+
+
+def test_prv_accounting_is_quiet_and_rdp_uses_a_wider_order_grid():
+    """opacus's PRV accountant sizes its domain with an RDP bound over RDP's default orders and
+    warns "Optimal order is the largest alpha" on the demo's settings (σ ≈ 0.62, q = 0.04): the
+    warning concerns only that (conservative) domain size, so PRV calls are silent, as they are
+    at q = 1 (numpy's divide by zero in log(1 - q)). The "rdp"
+    accountant evaluates a wider grid: a tighter ε where opacus's optimum was its largest order."""
+    from opacus.accountants import RDPAccountant
+
+    from hf_dp_tp.accounting import calibrate_noise_multiplier, epsilon_spent, make_accountant
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=8.0, target_delta=1e-5, sample_rate=0.04, steps=75
+        )
+        prv = make_accountant("prv")
+        prv.history = [(sigma, 0.04, 5)]
+        assert 0 < epsilon_spent(prv, 1e-5) < 8.0
+        # q = 1 (the audit's full batches): log(1 - q) = -inf in opacus's PRV is the right limit
+        full = make_accountant("prv")
+        full.history = [(4.0, 1.0, 4)]
+        assert 1.9 < epsilon_spent(full, 1e-5) < 2.1
+        calibrate_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=1.0, steps=4)
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+
+    large_sigma = [(5.0, 0.01, 10)]  # opacus's best order is its largest, 63 (ours: 192)
+    opacus_rdp, ours = RDPAccountant(), make_accountant("rdp")
+    opacus_rdp.history, ours.history = list(large_sigma), list(large_sigma)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loose = opacus_rdp.get_epsilon(delta=1e-5)
+    assert any("largest alpha" in str(w.message) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tight = epsilon_spent(ours, 1e-5)
+    assert tight < loose and not caught

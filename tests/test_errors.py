@@ -475,6 +475,19 @@ def test_heads_not_divisible_by_tp_size():
     check_tp_divisibility(config, 3)  # fine
 
 
+def test_tp_size_hint_divides_every_head_count():
+    """9 divides 9 query heads but not 3 KV heads: the hint offers only common divisors."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_attention_heads=9, num_key_value_heads=3, hidden_size=72)
+    with pytest.raises(ValueError) as info:
+        check_tp_divisibility(config, 2)
+    assert "num_attention_heads=9" in str(info.value)
+    assert str(info.value).endswith("e.g. [1, 3].")
+    with pytest.raises(ValueError, match=r"num_key_value_heads=3 is not divisible by tp_size=9"):
+        check_tp_divisibility(config, 9)
+
+
 # --------------------------------------------------------------------------- 2-rank worker
 class Pair(nn.Module):
     """fc → norm → head, inputs ``[B, T, 8]``."""

@@ -117,12 +117,53 @@ def test_demo_defaults_parse_and_real_flags_override_them():
     )
     assert model_args.model_name_or_path is None and data_args.dataset_name is None
     assert (args.tp_size, args.target_epsilon, args.target_delta) == (2, 8.0, 1e-5)
-    assert args.per_device_train_batch_size == 64 and args.max_grad_norm == 0.0
+    assert run_args.logical_batch_size == 64 and args.max_grad_norm == 0.0
     assert not run_args.overwrite_output_dir and run_args.prompt
     _, _, args, _ = script.parse_args(
         ["--output_dir", "x", "--tp_size", "1", "--learning_rate", "1e-4", "--accountant", "rdp"]
     )
     assert (args.tp_size, args.learning_rate, args.accountant) == (1, 1e-4, "rdp")
+
+
+@pytest.mark.parametrize(
+    "world, flags, per_device, logical",
+    [
+        (2, [], 64, 64),  # the demo: tp=2, dp=1
+        (4, [], 32, 64),  # the FSDP line on 4 processes: dp=2, the same B̄ and q
+        (4, ["--gradient_accumulation_steps", "4"], 8, 64),
+        (8, ["--logical_batch_size", "256"], 64, 256),
+        (4, ["--per_device_train_batch_size", "16"], 16, 32),  # an explicit per-device batch
+    ],
+)
+def test_the_logical_batch_is_fixed_across_launches(monkeypatch, world, flags, per_device, logical):
+    """B̄ (hence q) does not change with the number of processes: the per-device batch is
+    derived from --logical_batch_size (demo: 64) and dp_size = world size / tp_size."""
+    script = _script()
+    _, _, args, run_args = script.parse_args(["--output_dir", "x", *flags])
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: world))
+    script.apply_logical_batch(args, run_args)
+    dp = world // args.tp_size
+    assert args.per_device_train_batch_size == per_device
+    assert per_device * args.gradient_accumulation_steps * dp == logical
+
+
+def test_a_logical_batch_that_does_not_split_or_clashes_is_refused(monkeypatch):
+    script = _script()
+    _, _, args, run_args = script.parse_args(["--output_dir", "x", "--logical_batch_size", "63"])
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 4))
+    with pytest.raises(ValueError, match=r"positive multiple of dp_size x .* = 2 x 1.*e\.g\. 64"):
+        script.apply_logical_batch(args, run_args)
+    with pytest.raises(ValueError, match="not both"):
+        script.parse_args(
+            [
+                "--output_dir",
+                "x",
+                "--logical_batch_size",
+                "64",
+                "--per_device_train_batch_size",
+                "8",
+            ]
+        )
 
 
 @pytest.mark.parametrize(
@@ -203,7 +244,8 @@ def test_demo_defaults_under_accelerate_launch(tmp_path):
             "1",
             "--disable_tqdm",
             "true",
-        ]
+        ],
+        quiet=True,  # a normal run prints no third-party warnings (docs/guide.md, the demo)
     )
     report = _load_json(out / "privacy_report.json")
     summary = _load_json(out / "demo_summary.json")
@@ -301,10 +343,13 @@ def test_demo_with_fsdp_over_dp_and_ghost_clipping(tmp_path):
             *("--max_steps", "2", "--max_train_samples", "400", "--max_eval_samples", "20"),
             *("--output_dir", str(out), "--disable_tqdm", "true"),
             nproc=4,
-        )
+        ),
+        quiet=True,  # no FSDP2 view-output or DTensor two-gather warnings, no accountant ones
     )
     report = _load_json(out / "privacy_report.json")
     assert report["steps"] == 2 and report["dataset_size"] == 400
+    # the demo's logical batch, not doubled by dp=2: 32 per DP rank
+    assert report["expected_batch_size"] == 64 and report["sample_rate"] == 64 / 400
     assert 0 < report["epsilon"] < float("inf")
     assert (report["dp_size"], report["tp_size"], report["dp_shard_size"]) == (2, 2, 2)
     model = AutoModelForCausalLM.from_pretrained(out)  # ordinary, unsharded weights

@@ -59,6 +59,40 @@ def test_privacy_arguments_are_validated():
     assert args.max_grad_norm == 0.0 and not args.average_tokens_across_devices
 
 
+def test_an_untokenised_dataset_is_refused_up_front_with_tokenise_first():
+    """Text-only records would reach Trainer's column pruning at the first step, whose hint
+    (remove_unused_columns=False) does not help; DPTrainer refuses them at construction."""
+    import datasets
+    from torch import nn
+
+    from hf_dp_tp import DPTrainer, DPTrainingArguments
+
+    args = DPTrainingArguments(output_dir="/tmp/unused", report_to=[], noise_multiplier=1.0)
+    text = datasets.Dataset.from_dict({"text": ["a note", "another note"], "id": ["1", "2"]})
+    with pytest.raises(ValueError, match=r"only text columns \['text', 'id'\].*tokenise it first"):
+        DPTrainer(model=nn.Linear(2, 2), args=args, train_dataset=text)
+
+    from hf_dp_tp.dataset_checks import check_tokenised
+
+    tokenised = text.add_column("input_ids", [[1, 2], [3]])
+    check_tokenised(tokenised, data_collator=None, per_sample_loss=None)  # has input_ids
+    check_tokenised(text, data_collator=lambda rows: rows, per_sample_loss=None)  # may tokenise
+    check_tokenised(text, data_collator=None, per_sample_loss=lambda m, b: b)  # takes raw text
+    check_tokenised([{"text": "x"}], data_collator=None, per_sample_loss=None)  # not checked
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, float("inf")])
+def test_a_target_epsilon_out_of_range_says_what_epsilon_means(epsilon):
+    from hf_dp_tp import DPTrainingArguments
+
+    with pytest.raises(ValueError) as info:
+        DPTrainingArguments(output_dir="/tmp/unused", report_to=[], target_epsilon=epsilon)
+    message = str(info.value)
+    assert "target_epsilon must be a positive finite number" in message
+    assert "one training record" in message and "Typical values" in message
+    assert "noise_multiplier" in message  # the way to train without a budget
+
+
 def test_parallelism_config_sets_the_mesh_or_is_refused():
     from accelerate import ParallelismConfig
 

@@ -119,10 +119,12 @@ def load_model(config: AuditConfig):
 
 def batch_settings(config: AuditConfig, dp_size: int) -> tuple[int, float]:
     """``per_device_train_batch_size`` for the requested q over ``records + canaries`` indices,
-    and the q it gives (``B̄ = per-device × accumulation × dp`` must be a whole number)."""
+    and the q it gives (``B̄ = per-device × accumulation × dp`` must be a whole number, and at
+    most the number of indices: q ≤ 1)."""
     total = config.records + config.canaries
     per_step = dp_size * config.gradient_accumulation_steps
-    per_device = max(1, round(config.sample_rate * total / per_step))
+    nearest = round(config.sample_rate * total / per_step)
+    per_device = max(1, min(nearest, total // per_step))
     return per_device, per_device * per_step / total
 
 
