@@ -295,3 +295,54 @@ def write_secrets_file(path: str, secret: int | bytes) -> None:
         "keep it private and delete it when replay is no longer needed.",
         stacklevel=2,
     )
+
+
+# ---------------------------------------------------------------------- resume
+#: ``resume_from_checkpoint`` strings that mean "the latest checkpoint in output_dir" (a flag
+#: given on the command line arrives as a string).
+LATEST_CHECKPOINT_WORDS = ("true", "latest")
+
+
+def checkpoints_in(directory: str) -> list[str]:
+    """The ``checkpoint-N`` folders of ``directory``, oldest first."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        step = name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and step.isdigit():
+            if os.path.isdir(os.path.join(directory, name)):
+                found.append((int(step), name))
+    return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
+def resolve_resume_path(resume: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint folder ``resume_from_checkpoint`` names, checked before anything is loaded:
+    ``True`` (or the strings ``"true"`` / ``"latest"``, as a command-line flag arrives) is the
+    latest ``checkpoint-N`` in ``output_dir``; a path must exist. Refusals list the checkpoints
+    found in ``output_dir``."""
+    if resume is None or resume is False:
+        return None
+    latest = resume is True or (
+        isinstance(resume, str)
+        and not os.path.exists(resume)
+        and resume.strip().lower() in LATEST_CHECKPOINT_WORDS
+    )
+    found = checkpoints_in(output_dir)
+    listing = ", ".join(os.path.basename(p) for p in found) or "none"
+    if latest:
+        if not found:
+            raise ValueError(
+                f"resume_from_checkpoint={resume!r} resumes the latest checkpoint in output_dir "
+                f"{output_dir}, but it has none (checkpoint-N folders found: {listing})."
+            )
+        return found[-1]
+    path = str(resume)
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"resume_from_checkpoint={path!r} does not exist (or is not a folder). Checkpoints "
+            f"in output_dir {output_dir}: {listing}. Pass one of them, or True for the latest."
+        )
+    return path

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .agreement import fail_together
@@ -45,6 +45,7 @@ from .checkpoint import (
     load_rank_optimizer,
     load_sharded_model,
     read_secrets_file,
+    resolve_resume_path,
     save_rank_optimizer,
     save_sharded_model,
     write_ledger,
@@ -55,6 +56,7 @@ from .dataset_checks import check_tokenised
 from .layout import PLAIN, TP, infer_layout, model_layout
 from .lora import peft_tp_plan, prepare_lora_for_tp, save_lora_adapter
 from .losses import PerSampleLoss, default_per_sample_loss
+from .model_card import write_privacy_card
 from .optimizer import DPOptimizerTP
 from .parallel import (
     MeshInfo,
@@ -229,6 +231,8 @@ class DPTrainer(Trainer):
                 data_collator=kwargs.get("data_collator"),
                 per_sample_loss=per_sample_loss,
             )
+        # a resume path given in the arguments is checked before the model is sharded
+        resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
         _ = args.device  # under torchrun/accelerate this initialises torch.distributed
         self.device_mesh = self._build_mesh(args)
         if self.device_mesh is not None:
@@ -723,10 +727,7 @@ class DPTrainer(Trainer):
         """As ``Trainer.train``; before the first step the ledger of ``resume_from_checkpoint``
         is checked and restored, σ is resolved, and the step budget of the current
         ``target_epsilon`` is fixed (a resume that cannot take one more step is refused)."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint found in output_dir {self.args.output_dir}")
+        resume_from_checkpoint = resolve_resume_path(resume_from_checkpoint, self.args.output_dir)
         self._ledger_to_restore = None
         if resume_from_checkpoint:
             self._load_ledger(resume_from_checkpoint)
@@ -886,6 +887,10 @@ class DPTrainer(Trainer):
         with its config: nothing is gathered onto one rank."""
         if not (_internal_call and self._fsdp):
             super().save_model(output_dir, _internal_call)
+            if not _internal_call:
+                self._write_model_card(
+                    output_dir if output_dir is not None else self.args.output_dir
+                )
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         save_sharded_model(self.model, output_dir)  # every rank writes its shards
@@ -894,6 +899,18 @@ class DPTrainer(Trainer):
             if config is not None and hasattr(config, "save_pretrained"):
                 config.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Trainer's model card (what ``push_to_hub`` uploads), with the privacy section:
+        :func:`hf_dp_tp.model_card.write_privacy_card`."""
+        super().create_model_card(*args, **kwargs)
+        self._write_model_card(self.args.output_dir)
+
+    def _write_model_card(self, directory: str) -> None:
+        """The privacy section of the model card in ``directory/README.md``: (ε, δ), the
+        accountant, σ, q, steps, C, B̄, the privacy unit and what is not covered."""
+        if self.args.should_save and self.train_dataset is not None:
+            write_privacy_card(directory, self.privacy_report())
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
