@@ -825,6 +825,13 @@ class DPTrainer(Trainer):
         if self.args.should_save:
             write_ledger(output_dir, self.ledger())
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer pushes from inside _save_checkpoint, before the override above writes the
+        # ledger: a pushed checkpoint must carry its ledger too
+        if self.args.should_save:
+            write_ledger(checkpoint_folder, self.ledger())
+        super()._push_from_checkpoint(checkpoint_folder)
+
     def _save_rng_state(self, output_dir: str) -> None:
         # Trainer stores the global RNG states in every checkpoint; dropout (and any collator
         # that draws) advances them by the realised batch sizes, so two consecutive states give
