@@ -36,14 +36,9 @@ from .ghost import (
     sum_of,
 )
 from .grad_samplers import GradSampler, UnsupportedLayoutError, find_grad_sampler
-from .layout import GHOST, GRAD_SAMPLE_MODES, check_grad_sample_mode, model_layout  # noqa: F401
-from .norms import (  # noqa: F401  (per_sample_norms & co. stay importable from here)
-    REPLICA_MISMATCH_TOLERANCE,
-    accumulation_dtype,
-    per_sample_norms,
-    reduce_squared_norms,
-    squared_norm_per_sample,
-)
+from .layout import GHOST, check_grad_sample_mode, model_layout
+from .losses import LOSS_REDUCTIONS
+from .norms import reduce_squared_norms
 from .parallel import (
     HF_STYLE_ATTR,
     MeshInfo,
@@ -54,8 +49,6 @@ from .parallel import (
     resolve_mesh,
 )
 from .separability import check_forward
-
-LOSS_REDUCTIONS = ("mean", "sum")
 
 # transformers' own TP styles (they replace ``module.forward``): which ones the controller
 # understands, and which leave a replicated parameter with a *partial* per-sample gradient that

@@ -25,10 +25,10 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .parallel import TP_DIM, has_dtensor_parameters
 
+#: Model layouts: PLAIN (no DTensor parameters) or TP (DTensor parameters — TP shards, FSDP
+#: shards or both; each parameter's own placements are read by ``parallel.param_layout``).
 PLAIN = "plain"
 TP = "tp"
-#: Model layouts (FSDP over the DP dimension will be a third).
-LAYOUTS = (PLAIN, TP)
 
 PER_SAMPLE = "per_sample"
 GHOST = "ghost"
@@ -47,8 +47,8 @@ GRAD_SAMPLE_MODES = tuple(_MODES)
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """How a model is laid out (:data:`LAYOUTS`) and how its per-sample norms are obtained
-    (:data:`CLIPPING_METHODS`)."""
+    """How a model is laid out (:data:`PLAIN` or :data:`TP`) and how its per-sample norms are
+    obtained (:data:`CLIPPING_METHODS`)."""
 
     layout: str
     method: str

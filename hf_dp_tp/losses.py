@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+#: How per-sample losses are reduced to the loss that is differentiated: ``"mean"`` (the
+#: controller rescales per-sample gradients by the batch size, the optimizer divides by B̄) or
+#: ``"sum"``.
+LOSS_REDUCTIONS = ("mean", "sum")
 PerSampleLoss = Callable[[nn.Module, Mapping[str, Any]], tuple[torch.Tensor, Any]]
 
 

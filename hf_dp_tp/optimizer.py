@@ -20,8 +20,8 @@ import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.optim import Optimizer
 
-from .controller import LOSS_REDUCTIONS
 from .ghost import GradSample, clipped_sum_of, squared_norms_of
+from .losses import LOSS_REDUCTIONS
 from .noise import NoiseSource
 from .norms import accumulation_dtype, reduce_squared_norms
 from .parallel import (

@@ -579,9 +579,6 @@ class DPTrainer(Trainer):
     def _accountant_step(self, optimizer: DPOptimizerTP) -> None:
         self.privacy_plan.step(optimizer.noise_multiplier)
 
-    def _clip_grad_norm(self, model: nn.Module):
-        return None  # per-sample clipping happens in the DP optimizer
-
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
         # The autograd gradient is the non-private batch gradient: its norm is never logged.
         return None

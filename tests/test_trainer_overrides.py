@@ -25,7 +25,6 @@ from hf_dp_tp.audit.trainer import AuditTrainer
 #: signature of transformers' version that the code was written against.
 EXPECTED = {
     "_build_accelerator_args": "(self, **kwargs) -> dict[str, typing.Any]",
-    "_clip_grad_norm": "(self, model)",
     "_defer_fsdp_gradient_reduction": "(self)",
     "_get_grad_norm": "(self, model, grad_norm=None)",
     "_load_best_model": "(self) -> None",

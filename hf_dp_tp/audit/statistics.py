@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -148,9 +148,6 @@ class AuditBound:
     correct: int
     #: how many guess counts were tried (β was split over them)
     candidates: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def default_guess_counts(m: int) -> list[int]:
