@@ -18,7 +18,7 @@ import torch
 from transformers import TrainingArguments
 
 from .accounting import ACCOUNTANTS, check_accountant
-from .layout import PLAIN, check_grad_sample_mode, declared_layout
+from .layout import GRAD_SAMPLE_MODES, PLAIN, check_grad_sample_mode, declared_layout
 
 
 def _is_library_frame(code) -> bool:
@@ -182,7 +182,8 @@ class DPTrainingArguments(TrainingArguments):
         metadata={
             "help": "Privacy accountant: 'prv' (default, tight) or 'rdp' (conservative), both "
             "upper bounds on ε; 'gdp' (a central-limit approximation that can understate ε) is "
-            "refused unless allow_approximate_accountant is set too."
+            "refused unless allow_approximate_accountant is set too.",
+            "choices": list(ACCOUNTANTS),
         },
     )
     allow_approximate_accountant: bool = field(
@@ -206,7 +207,8 @@ class DPTrainingArguments(TrainingArguments):
             "help": "Clipping method, chosen explicitly: 'tp' (per-sample gradients materialised "
             "by hooks on a tensor-parallel model), 'hooks' (the same without tensor parallelism), "
             "'ghost' (either kind of model: ghost norms and book-keeping clipped sums, no "
-            "per-sample gradient of a matrix weight is built; see docs/guide.md)."
+            "per-sample gradient of a matrix weight is built; see docs/guide.md).",
+            "choices": list(GRAD_SAMPLE_MODES),
         },
     )
     secure_mode: bool = field(

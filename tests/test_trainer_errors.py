@@ -593,3 +593,18 @@ def test_empty_poisson_batches_do_not_hang_and_eval_runs(tmp_path):
     assert r0["eval_loss"] == r1["eval_loss"] and r0["eval_loss"] < 10
     assert r0["prediction_rows"] == r1["prediction_rows"] == 8  # not duplicated per rank
     assert r0["epsilon"] == r1["epsilon"] > 0
+
+
+def test_mode_and_accountant_choices_are_offered_on_the_command_line(capsys):
+    from transformers import HfArgumentParser
+
+    from hf_dp_tp import DPTrainingArguments
+
+    parser = HfArgumentParser(DPTrainingArguments)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(
+            ["--output_dir", "/tmp/unused", "--noise_multiplier", "1", "--grad_sample_mode", "x"]
+        )
+    err = capsys.readouterr().err
+    assert "invalid choice: 'x' (choose from 'tp', 'hooks', 'ghost')" in err
+    assert "--accountant {prv,rdp,gdp}" in err
