@@ -43,7 +43,6 @@ gathers), FSDP's transient all-gathered layers.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import warnings
@@ -51,10 +50,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .parallel import param_layout
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)  # Trainer's log_level applies, as to DPTrainer's lines
 
 __all__ = [
     "MemoryEstimate",
@@ -78,6 +78,11 @@ WARN_RATIO = 0.9
 PEAK_BATCH_TAIL = 0.01
 
 _GIB = 1024**3
+
+
+def _size(n: float) -> str:
+    """``n`` bytes in GiB, or MiB below 1 GiB."""
+    return f"{n / _GIB:.2f} GiB" if n >= _GIB else f"{n / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -119,9 +124,9 @@ class MemoryEstimate:
         return max(self.terms.items(), key=lambda kv: kv[1])[0]
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k.replace('_', ' ')} {v / _GIB:.2f}" for k, v in self.terms.items())
+        parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in self.terms.items())
         text = (
-            f"estimated peak memory per rank {self.total / _GIB:.2f} GiB ({parts} GiB; "
+            f"estimated peak memory per rank {_size(self.total)} ({parts}; "
             f"grad_sample_mode={self.mode!r}, micro-batch {self.micro_batch}, "
             f"{self.seq_len} tokens)"
         )
@@ -401,18 +406,18 @@ def check_memory(trainer) -> MemoryEstimate | None:
     needed = estimate.total - estimate.parameters  # the parameters are resident already
     if trainer.is_world_process_zero():
         logger.info(
-            f"memory preflight: {estimate.describe()} (micro-batch {peak}: the largest of the "
-            f"run's {micro_batches} Poisson micro-batches of mean {micro}, "
-            f"{1 - PEAK_BATCH_TAIL:.0%} sure); needs {needed / _GIB:.2f} GiB more, "
-            f"{available / _GIB:.2f} GiB available"
+            f"memory preflight: {estimate.describe()}; micro-batch {peak} is the largest of the "
+            f"run's {micro_batches} Poisson micro-batches of mean {micro} ({1 - PEAK_BATCH_TAIL:.0%}"
+            f" sure); needs {_size(needed)} beyond the loaded parameters, {_size(available)} "
+            "available"
         )
     if available <= 0 or needed <= WARN_RATIO * available:
         return estimate
     fixes = "; ".join(f"({i}) {fix}" for i, fix in enumerate(_fixes(estimate, args), 1))
     message = (
         f"DP-SGD will likely run out of memory: {estimate.describe()}, i.e. "
-        f"{needed / _GIB:.2f} GiB beyond the loaded parameters, with {available / _GIB:.2f} GiB "
-        f"available on {device} per process. Fixes, most effective first: {fixes}. "
+        f"{_size(needed)} beyond the loaded parameters, with {_size(available)} available on "
+        f"{device} per process. Fixes, most effective first: {fixes}. "
         'memory_check="warn" or "off" skips this check.'
     )
     if setting == "error" and needed > ERROR_RATIO * available:
