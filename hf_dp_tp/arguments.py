@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from .accounting import ACCOUNTANTS, check_accountant
 from .layout import GRAD_SAMPLE_MODES, PLAIN, check_grad_sample_mode, declared_layout
+from .memory import MEMORY_CHECKS
 
 
 def _is_library_frame(code) -> bool:
@@ -252,6 +253,15 @@ class DPTrainingArguments(TrainingArguments):
             "any model or per_sample_loss that mixes samples (warned about)."
         },
     )
+    memory_check: str = field(
+        default="error",
+        metadata={
+            "help": "Preflight memory estimate at the start of train() (hf_dp_tp.memory, logged "
+            "on rank 0): 'error' (default) refuses a run whose estimate exceeds 1.1x the free "
+            "memory per rank and warns above 0.9x; 'warn' only warns; 'off' skips it.",
+            "choices": list(MEMORY_CHECKS),
+        },
+    )
     average_tokens_across_devices: bool = field(
         default=False,
         metadata={
@@ -302,6 +312,10 @@ class DPTrainingArguments(TrainingArguments):
             self.tp_plan = None  # from the command line
         if self.average_tokens_across_devices:
             self.average_tokens_across_devices = False
+        if self.memory_check not in MEMORY_CHECKS:
+            raise ValueError(
+                f"memory_check must be one of {MEMORY_CHECKS}, got {self.memory_check!r}"
+            )
         if not torch.cuda.is_available() and not self.use_cpu:
             self.use_cpu = (
                 True  # gloo on CPU: Trainer/accelerate need use_cpu for multi-process CPU

@@ -56,6 +56,7 @@ from .dataset_checks import check_tokenised
 from .layout import PLAIN, TP, infer_layout, model_layout
 from .lora import peft_tp_plan, prepare_lora_for_tp, save_lora_adapter
 from .losses import PerSampleLoss, default_per_sample_loss
+from .memory import check_memory
 from .model_card import write_privacy_card
 from .optimizer import DPOptimizerTP
 from .parallel import (
@@ -736,6 +737,7 @@ class DPTrainer(Trainer):
                 f"ε after {plan.steps_accounted} steps is {plan.epsilon():.4g} and one more step "
                 f"would exceed target_epsilon={plan.target_epsilon}: nothing left to train."
             )
+        check_memory(self)  # preflight estimate: logged; refused when clearly too large
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._nonfinite_samples_zeroed = self._count_nonfinite_samples()
         # dropout & co. advanced the global RNGs by the realised batch sizes: whatever runs after
