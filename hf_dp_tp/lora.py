@@ -126,6 +126,15 @@ def _find_peft_configs(model: nn.Module) -> dict:
     return {}
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft ``PeftModel`` (False when peft is not installed)."""
+    try:
+        from peft import PeftModel  # optional dependency
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
 def peft_tp_plan(model: nn.Module, plan: str | dict = "auto") -> dict[str, object]:
     """The TP plan of a model that already carries LoRA wrappers (``get_peft_model`` applied
     *before* tensor parallelism), re-targeted for ``apply_tp_plan(model, tp_mesh, plan)``.
