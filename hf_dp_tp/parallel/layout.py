@@ -6,6 +6,7 @@ parameter's placements are read; and gathering sharded entries back to full tens
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ class ParamLayout:
     offset: int = 0
     length: int = 0
     split_factor: int = 1
+    #: FSDP shards the parameter over DP (its DTensor mesh has a DP dim, :func:`is_fsdp_mesh`):
+    #: the layout above is that of the TP-local unsharded weight, and the final gradient is
+    #: written to its FSDP shard.
+    fsdp: bool = False
 
     @property
     def sharded(self) -> bool:
@@ -123,14 +128,15 @@ def param_layout(param: torch.Tensor, name: str = "parameter") -> ParamLayout:
         names = tuple(mesh.mesh_dim_names)
         others = tuple(dim for dim in names if dim not in DP_DIMS)
         if others == ():
-            return ParamLayout(global_shape, global_shape)
+            return ParamLayout(global_shape, global_shape, fsdp=True)
         if others != (TP_DIM,):
             raise ValueError(
                 f"{name}: DTensor on a mesh with dims {names}: FSDP parameters must live on the "
                 "('dp', 'tp') or ('dp_replicate', 'dp_shard', 'tp') mesh or its DP dims."
             )
         placement = param.placements[names.index(TP_DIM)]
-        return _tp_layout(name, placement, global_shape, mesh[TP_DIM], None, param.ndim)
+        layout = _tp_layout(name, placement, global_shape, mesh[TP_DIM], None, param.ndim)
+        return dataclasses.replace(layout, fsdp=True)
     if mesh.ndim != 1:
         raise ValueError(
             f"{name}: DTensor on a {mesh.ndim}-D mesh {param.placements} is not "
