@@ -442,14 +442,10 @@ def _dp_all_reduce_grads(params: list[torch.Tensor], group, dp_size: int) -> Non
 def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
     import torch.distributed as dist
 
-    from hf_dp_tp import DPOptimizerTP, GradSampleControllerTP, init_dp_tp_mesh
+    from hf_dp_tp import DPOptimizerTP, GradSampleControllerTP
     from hf_dp_tp.optimizer import split_mixed_param_groups
-    from hf_dp_tp.parallel import (
-        apply_tp_plan,
-        destroy_process_groups,
-        dim_mesh,
-        fully_shard_over_dp,
-    )
+    from hf_dp_tp.parallel import ParallelDims, destroy_process_groups, dim_mesh
+    from hf_dp_tp.parallelize import parallelize
 
     warnings.filterwarnings("ignore")
     world = int(os.environ["WORLD_SIZE"])
@@ -460,17 +456,19 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
     else:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
-    mesh = init_dp_tp_mesh(
-        cfg["tp_size"], device.type, dp_replicate_size=cfg.get("dp_replicate_size", 1)
+    dims = ParallelDims.for_world(
+        world,
+        cfg["tp_size"],
+        fsdp=bool(cfg.get("fsdp")),
+        replicas=cfg.get("dp_replicate_size", 1),
     )
+    mesh = dims.build_mesh(device.type)
     dp_mesh = dim_mesh(mesh, "dp")
     dp_rank, dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
     ids = global_batch(cfg, device)[dp_rank * cfg["batch"] : (dp_rank + 1) * cfg["batch"]]
 
     model = build_model(cfg, device)
-    apply_tp_plan(model, mesh["tp"], "auto")
-    if cfg.get("fsdp"):
-        fully_shard_over_dp(model, mesh)  # per decoder layer, then the root
+    parallelize(model, dims, mesh, "auto")  # TP, then FSDP per decoder layer, then the root
     after_build = current_memory_mb(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -483,7 +481,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
         split_mixed_param_groups(inner)  # foreach kernels cannot mix DTensor and plain params
         opt, controller, hook = inner, None, None
         stages = ["forward", "backward", "optimizer_step", "other"]
-        fsdp_reduces = bool(cfg.get("fsdp"))  # FSDP reduce-scatters in backward itself
+        fsdp_reduces = dims.fsdp_enabled  # FSDP reduce-scatters in backward itself
         if dp_size > 1 and not fsdp_reduces:
             stages.insert(2, "grad_all_reduce")
 
@@ -516,7 +514,7 @@ def tp_worker(kind: str, cfg: dict[str, Any], result_file: str) -> None:
         stages = list(DP_STAGES)
         hook = getattr(controller, "_on_output_grad", None)  # private: timed as a detail only
 
-        stream = bool(cfg.get("fsdp"))  # as DPTrainer: FSDP sums reduce-scattered at once
+        stream = dims.fsdp_enabled  # as DPTrainer: FSDP sums reduce-scattered at once
 
         def step() -> None:
             with sw.section("forward"):

@@ -69,15 +69,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from hf_dp_tp import GradSampleControllerTP, PrivacyEngineGradSampleController, init_dp_tp_mesh
+from hf_dp_tp import GradSampleControllerTP, PrivacyEngineGradSampleController
 from hf_dp_tp.parallel import (
-    apply_tp_plan,
+    ParallelDims,
     destroy_process_groups,
     dim_mesh,
-    fully_shard_over_dp,
     init_distributed,
     llama_sequence_parallel_plan,
 )
+from hf_dp_tp.parallelize import parallelize
 from hf_dp_tp.sampling import stand_in_batch
 
 
@@ -272,16 +272,17 @@ def main() -> None:
         raise SystemExit(f"--plan sequence_parallel needs seq_len divisible by {args.tp_size}")
     if args.dp_replicate_size > 1 and not args.fsdp:
         raise SystemExit("--dp_replicate_size needs --fsdp (HSDP replicates sharded groups)")
-    mesh = init_dp_tp_mesh(args.tp_size, dp_replicate_size=args.dp_replicate_size)
+    dims = ParallelDims.for_world(
+        dist.get_world_size(), args.tp_size, fsdp=args.fsdp, replicas=args.dp_replicate_size
+    )
+    mesh = dims.build_mesh()
     dp_mesh = dim_mesh(mesh, "dp")  # every rank that draws its own part of the batch
 
     model = load_model(args)
     model.config.use_cache = False
     model.to(device)
     plan = "auto" if args.plan == "auto" else llama_sequence_parallel_plan()
-    apply_tp_plan(model, mesh["tp"], plan)
-    if args.fsdp:  # after TP, as torchtitan does: fully_shard each decoder layer, then the root
-        fully_shard_over_dp(model, mesh)
+    parallelize(model, dims, mesh, plan)  # TP, then FSDP (each decoder layer, then the root)
     model.train()  # from_pretrained returns eval mode, where the per-sample hooks stay silent
 
     dataset, held_out = markov_datasets(args, model.config.vocab_size)
@@ -308,7 +309,7 @@ def main() -> None:
     if rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
-            f"dp={dp_mesh.size()}{' (FSDP)' if args.fsdp else ''} tp={mesh['tp'].size()} "
+            f"dp={dp_mesh.size()}{' (FSDP)' if dims.fsdp_enabled else ''} tp={mesh['tp'].size()} "
             f"{f'replicas={args.dp_replicate_size} ' if args.dp_replicate_size > 1 else ''}"
             f"plan={args.plan} mode={args.grad_sample_mode} device={device} "
             f"dtype={next(model.parameters()).dtype} "
@@ -335,7 +336,7 @@ def main() -> None:
             # skip forward/backward together and no TP collective is left unmatched. The step
             # itself must still run on every rank: noise on a zero sum, the DP all-reduce and
             # one accountant step.
-            elif args.fsdp:
+            elif dims.fsdp_enabled:
                 # FSDP's all-gathers are DP collectives: run a forward and backward on a
                 # synthetic stand-in that carries no record (a record's shape, constant ids)
                 # and discard everything (zero loss, per-sample grads dropped)

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 # `import hf_dp_tp.controller` does not pull in transformers' Trainer, and `import hf_dp_tp` does
 # not need the optional trl (DPSFTTrainer / DPSFTConfig raise an ImportError naming the extra).
 _EXPORTS = {
-    "Conv1DParallel": "tp_plans",
+    "Conv1DParallel": "parallel",
     "DPOptimizerTP": "optimizer",
     "DPSFTConfig": "sft",
     "DPSFTTrainer": "sft",
@@ -25,7 +25,7 @@ _EXPORTS = {
     "calibrate_noise_multiplier": "accounting",
     "destroy_process_groups": "parallel",
     "init_distributed": "parallel",
-    "gpt2_tp_plan": "tp_plans",
+    "gpt2_tp_plan": "parallel",
     "init_dp_tp_mesh": "parallel",
     "llama_sequence_parallel_plan": "parallel",
     "make_accountant": "accounting",
@@ -95,9 +95,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .norms import per_sample_norms
     from .optimizer import DPOptimizerTP
     from .parallel import (
+        Conv1DParallel,
         MeshInfo,
         apply_tp_plan,
         destroy_process_groups,
+        gpt2_tp_plan,
         init_distributed,
         init_dp_tp_mesh,
         llama_sequence_parallel_plan,
@@ -106,5 +108,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     )
     from .sampling import DistributedPoissonBatchSampler, build_poisson_data_loader
     from .sft import DPSFTConfig, DPSFTTrainer
-    from .tp_plans import Conv1DParallel, gpt2_tp_plan
     from .trainer import DPTrainer

@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .randomness import _collective_device
+from .parallel.groups import collective_device
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ def fail_together(check: Callable[[], T], *, what: str) -> T:
         result = check()
     except Exception as err:  # noqa: BLE001 - reported to every rank below
         error = err
-    device = _collective_device(None)
+    device = collective_device()
     failed = torch.zeros(world, dtype=torch.int32, device=device)
     failed[rank] = int(error is not None)
     dist.all_reduce(failed)

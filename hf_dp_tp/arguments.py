@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 from .accounting import ACCOUNTANTS, check_accountant
 from .layout import GRAD_SAMPLE_MODES, PLAIN, check_grad_sample_mode, declared_layout
 from .memory import MEMORY_CHECKS
+from .parallel.dims import sharding_request
 
 
 def _is_library_frame(code) -> bool:
@@ -71,52 +72,6 @@ IGNORED_LOADER_SETTINGS = {
         "agreed by all ranks; data_seed and seed are public, and the batches must not be",
     ),
 }
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
-
-
-def _take_launcher_fsdp(given: bool) -> set[str]:
-    """The FSDP options of an ``accelerate launch`` FSDP config (environment variables), turned
-    into Trainer's ``fsdp`` options; accelerate's own FSDP switch is turned off. Refuses FSDP1,
-    CPU offload and ``reshard_after_forward=False`` (ZeRO-2)."""
-    if not _env_true("ACCELERATE_USE_FSDP"):
-        return set()
-    os.environ["ACCELERATE_USE_FSDP"] = "false"  # DPTrainer applies FSDP2 itself, after TP
-    if given:
-        raise ValueError(
-            "accelerate launch has an FSDP config and fsdp=... is set too: give FSDP once."
-        )
-    version = os.environ.get("FSDP_VERSION", "1")
-    if version.strip() != "2":
-        raise ValueError(
-            f"accelerate's FSDP config has fsdp_version {version}: DPTrainer supports FSDP2 only "
-            "(set fsdp_version: 2)."
-        )
-    if _env_true("FSDP_OFFLOAD_PARAMS"):
-        raise ValueError(
-            "accelerate's FSDP config offloads parameters: not supported by DPTrainer."
-        )
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
-    if reshard in ("false", "0", "shard_grad_op", "no_shard"):
-        raise ValueError(
-            f"accelerate's FSDP config has fsdp_reshard_after_forward={reshard}: DPTrainer "
-            "supports full (or hybrid) sharding only."
-        )
-    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
-    return {"hybrid_shard"} if strategy in ("HYBRID_SHARD", "4") else {"full_shard"}
-
-
-def _take_launcher_parallelism_config():
-    """The ``ParallelismConfig`` an ``accelerate launch`` config asked for (environment
-    variables), or None; accelerate's own switch is turned off (DPTrainer builds the mesh)."""
-    if not _env_true("ACCELERATE_USE_PARALLELISM_CONFIG"):
-        return None
-    from accelerate import ParallelismConfig
-
-    os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = "false"
-    return ParallelismConfig()  # reads PARALLELISM_CONFIG_* from the environment
 
 
 @dataclass
@@ -320,9 +275,7 @@ class DPTrainingArguments(TrainingArguments):
             self.use_cpu = (
                 True  # gloo on CPU: Trainer/accelerate need use_cpu for multi-process CPU
             )
-        self.dp_fully_shard, self.dp_replicate_size, self.dp_mesh_size = (
-            self._take_sharding_settings()
-        )
+        self._take_sharding_request()
         super().__post_init__()
         self._validate_privacy_settings()
         if self.dp_seed is not None:
@@ -332,86 +285,26 @@ class DPTrainingArguments(TrainingArguments):
                 "for reproducibility tests only; it is never written under output_dir."
             )
 
-    def _take_sharding_settings(self) -> tuple[bool, int | None, int | None]:
-        """``(dp_fully_shard, dp_replicate_size, dp_mesh_size)`` from the HF idioms for sharded
-        data parallelism, which DPTrainer applies itself after TP (``fully_shard`` per decoder
-        layer then the root, :func:`hf_dp_tp.parallel.fully_shard_over_dp`); accelerate's FSDP
-        plugin is never used (it would reduce the non-private gradients and wrap the model
-        before TP).
-
-        - Trainer's ``fsdp="full_shard"``: FSDP2 over every DP rank. ``fsdp="hybrid_shard"``:
-          HSDP, FSDP inside a node and one replica per node (``dp_replicate_size`` None: the
-          number of nodes, known at launch). ``"auto_wrap"`` may accompany either (the wrapping
-          is always per decoder layer); offload and ZeRO-2 style options are refused.
-        - ``accelerate launch`` with an FSDP2 config (``ACCELERATE_USE_FSDP``, ``FSDP_*`` in the
-          environment) is taken as ``fsdp="full_shard"``, or ``"hybrid_shard"`` for that sharding
-          strategy; one with a parallelism config (``ACCELERATE_USE_PARALLELISM_CONFIG``) as its
-          ``ParallelismConfig``. Both switches are then turned off in this process's environment,
-          so that accelerate does not apply its own FSDP on top.
-        - accelerate's ``parallelism_config=ParallelismConfig(dp_replicate_size=r,
-          dp_shard_size=s, tp_size=t)``: TP over t, FSDP over s (when s > 1), replicas over r;
-          it sets ``tp_size`` and must cover the world (``dp_mesh_size`` r·s, checked at launch).
-          Context and sequence parallelism are refused.
-        """
-        fsdp = self.fsdp
-        options = fsdp.split() if isinstance(fsdp, str) else [str(o) for o in (fsdp or [])]
-        options = {o.split(".")[-1].lower() for o in options}
-        options |= _take_launcher_fsdp(bool(options))
-        parallelism = self.parallelism_config
-        if parallelism is None:
-            parallelism = _take_launcher_parallelism_config()
-        if options and parallelism is not None:
-            raise ValueError(
-                "give the sharding either as fsdp=... or as parallelism_config=ParallelismConfig"
-                "(...), not both."
-            )
-        shard_options = options - {"auto_wrap"}
-        if options and shard_options not in ({"full_shard"}, {"hybrid_shard"}):
-            raise ValueError(
-                f"fsdp={fsdp!r}: DPTrainer supports fsdp='full_shard' (FSDP2 over the DP "
-                "dimension, on top of tp_size) and fsdp='hybrid_shard' (FSDP inside a node, one "
-                "replica per node), optionally with 'auto_wrap'; offload and shard_grad_op "
-                "options are not supported."
-            )
-        config = self.fsdp_config or {}
-        if options and isinstance(config, dict):
-            version = config.get("fsdp_version", config.get("version", 2))
-            if int(version) != 2:
-                raise ValueError(f"fsdp_config fsdp_version={version}: only FSDP2 is supported.")
-        replicate, mesh_size, sharded = 1, None, bool(options)
-        if options == {"hybrid_shard"} or shard_options == {"hybrid_shard"}:
-            replicate = None  # one replica per node
-        if parallelism is not None:
-            replicate, sharded, mesh_size = self._take_parallelism_config(parallelism)
-        if sharded and self.grad_sample_mode == "hooks":
+    def _take_sharding_request(self) -> None:
+        """Take the sharded-data-parallel idioms (``fsdp=...``, ``parallelism_config=...``, an
+        ``accelerate launch`` FSDP or parallelism config) over as DPTrainer's own request
+        (:func:`hf_dp_tp.parallel.dims.sharding_request`, which refuses what DPTrainer cannot
+        do), kept as ``dp_fully_shard``, ``dp_replicate_size`` and ``dp_mesh_size`` for
+        :meth:`hf_dp_tp.parallel.ParallelDims.from_args`. Trainer and accelerate never see
+        ``fsdp`` / ``parallelism_config``: DPTrainer applies FSDP2 itself, after TP."""
+        request = sharding_request(
+            self.fsdp, self.fsdp_config, self.parallelism_config, self.tp_size
+        )
+        if request.fully_shard and self.grad_sample_mode == "hooks":
             raise ValueError(
                 "FSDP shards parameters as DTensors: use grad_sample_mode='tp' or 'ghost', not "
                 "'hooks'."
             )
+        self.tp_size = request.tp_size
         self.fsdp, self.fsdp_config, self.parallelism_config = "", None, None
-        return sharded, (replicate if sharded else 1), mesh_size
-
-    def _take_parallelism_config(self, parallelism) -> tuple[int, bool, int]:
-        """``(dp_replicate_size, fsdp, dp_mesh_size)`` of an accelerate ``ParallelismConfig``;
-        sets ``tp_size`` from it."""
-        sizes = {
-            name: int(getattr(parallelism, name, None) or 1)
-            for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "sp_size")
-        }
-        if sizes["cp_size"] > 1 or sizes["sp_size"] > 1:
-            raise ValueError(
-                "parallelism_config with cp_size or sp_size > 1: context / sequence parallelism "
-                "is not supported by DPTrainer (per-sample gradients need each sample's tokens "
-                "on one TP group)."
-            )
-        if self.tp_size not in (1, sizes["tp_size"]):
-            raise ValueError(
-                f"tp_size={self.tp_size} but parallelism_config.tp_size={sizes['tp_size']}: give "
-                "the TP degree once (parallelism_config alone is enough)."
-            )
-        self.tp_size = sizes["tp_size"]
-        fsdp = sizes["dp_shard_size"] > 1
-        return sizes["dp_replicate_size"], fsdp, sizes["dp_replicate_size"] * sizes["dp_shard_size"]
+        self.dp_fully_shard = request.fully_shard
+        self.dp_replicate_size = request.dp_replicate_size
+        self.dp_mesh_size = request.dp_mesh_size
 
     # ------------------------------------------------------------------ representations
     # A user-fixed ``dp_seed`` lets anyone subtract the noise and rebuild every batch, so no

@@ -44,7 +44,6 @@ from .parallel import (
     MeshInfo,
     ParamLayout,
     installed_tp_style,
-    is_fsdp_mesh,
     param_layout,
     resolve_mesh,
 )
@@ -507,10 +506,7 @@ class GradSampleControllerTP:
         if first is None:
             self._independence_pending = False
             return
-        fsdp = any(
-            isinstance(p, DTensor) and is_fsdp_mesh(p.device_mesh)
-            for p in self.trainable_parameters()
-        )
+        fsdp = any(self.layout_of(p).fsdp for p in self.trainable_parameters())
         group = True if fsdp else self.mesh.tp_group
         with self.hooks_disabled():
             checked = check_forward(
@@ -655,7 +651,7 @@ class GradSampleControllerTP:
         swaps a sharded parameter for one unsharded object (the TP-local weight), the same one at
         every step. The first one seen is recorded and gets the first-step self-check (autograd
         reaches it, not the sharded parameter)."""
-        if not (isinstance(param, DTensor) and is_fsdp_mesh(param.device_mesh)):
+        if not info.layouts[name].fsdp:
             return False
         if current is None or tuple(current.shape) != tuple(param.shape):
             return False

@@ -81,6 +81,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from .parallel import HF_STYLE_ATTR, full_state_dict, installed_tp_style, shard_extent
+from .parallel.groups import collective_device
 
 __all__ = [
     "gather_lora_state_dict",
@@ -124,6 +125,15 @@ def _find_peft_configs(model: nn.Module) -> dict:
         if isinstance(configs, dict):
             return configs
     return {}
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft ``PeftModel`` (False when peft is not installed)."""
+    try:
+        from peft import PeftModel  # optional dependency
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
 
 
 def peft_tp_plan(model: nn.Module, plan: str | dict = "auto") -> dict[str, object]:
@@ -492,11 +502,7 @@ def save_lora_adapter(model: nn.Module, output_dir: str | os.PathLike, **kwargs)
                 raise
             error = f"{type(err).__name__}: {err}"
     if distributed:
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend() == "nccl"
-            else "cpu"
-        )
+        device = collective_device()
         failed = torch.tensor([error is not None], dtype=torch.uint8, device=device)
         dist.broadcast(failed, src=0)
         if error is not None:

@@ -29,7 +29,6 @@ from .parallel import (
     DP_REPLICATE_DIM,
     MeshInfo,
     ParamLayout,
-    is_fsdp_mesh,
     param_layout,
 )
 from .randomness import agree_on_seed
@@ -354,7 +353,7 @@ class DPOptimizerTP(Optimizer):
     def _streamed(self, param: torch.Tensor) -> bool:
         """Whether ``clip_and_accumulate(scatter=True)`` reduce-scatters this parameter's sum
         per micro-batch: FSDP-sharded and at least ``_REDUCE_SCATTER_MIN_NUMEL`` elements."""
-        if not (isinstance(param, DTensor) and is_fsdp_mesh(param.device_mesh)):
+        if not self.layout_of(param).fsdp:
             return False
         return math.prod(self.layout_of(param).local_shape) >= _REDUCE_SCATTER_MIN_NUMEL
 
@@ -434,11 +433,7 @@ class DPOptimizerTP(Optimizer):
     def _fsdp_indices(self, count: int) -> set[int]:
         """Indices, among the parameters of the step being taken, of those FSDP shards over DP."""
         params = self._step_params if len(self._step_params) == count else []
-        return {
-            i
-            for i, p in enumerate(params)
-            if isinstance(p, DTensor) and is_fsdp_mesh(p.device_mesh)
-        }
+        return {i for i, p in enumerate(params) if self.layout_of(p).fsdp}
 
     def reduce(self, sums: list[torch.Tensor], layouts: list[ParamLayout]) -> None:
         """Contract rule 7 (docs/usage.md), in place: sum the noised sums over the DP group, then

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .parallel.groups import collective_device
+
 __all__ = [
     "KEY_BYTES",
     "agree_on_key",
@@ -106,19 +108,13 @@ def _group_source(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_global_rank(group, 0)
 
 
-def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _broadcast_bytes(data: bytes | None, length: int, group: dist.ProcessGroup | None) -> bytes:
     """Broadcast ``length`` bytes (meaningful on the group's first rank only) to every rank.
 
     A plain tensor broadcast (not ``broadcast_object_list``, which was seen to leave gloo in a
     state that aborts the process at interpreter exit).
     """
-    buffer = torch.zeros(length, dtype=torch.uint8, device=_collective_device(group))
+    buffer = torch.zeros(length, dtype=torch.uint8, device=collective_device(group))
     if data is not None:
         buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(buffer, src=_group_source(group), group=group)

@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from .ghost import squared_norms_of
 from .grad_samplers import UnsupportedLayoutError
+from .parallel.groups import collective_device
 
 #: Rows of a probe batch: ≥ 4, so that mixing that only starts above two samples shows.
 PROBE_ROWS = 4
@@ -255,9 +256,7 @@ def _agree(flag: int, group: dist.ProcessGroup | None | bool) -> int:
     the probe in lockstep decide alike; no collective without a process group."""
     if group is False or group is None or not (dist.is_available() and dist.is_initialized()):
         return flag
-    t = torch.tensor([flag], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([flag], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=None if group is True else group)
     return int(t.item())
 

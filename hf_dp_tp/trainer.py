@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback
@@ -53,23 +54,23 @@ from .checkpoint import (
 )
 from .controller import GradSampleControllerTP
 from .dataset_checks import check_tokenised
-from .layout import PLAIN, TP, infer_layout, model_layout
-from .lora import peft_tp_plan, prepare_lora_for_tp, save_lora_adapter
+from .layout import PLAIN, infer_layout, model_layout
+from .lora import is_peft_model, save_lora_adapter
 from .losses import PerSampleLoss, default_per_sample_loss
 from .memory import check_memory
 from .model_card import write_privacy_card
 from .optimizer import DPOptimizerTP
 from .parallel import (
     MeshInfo,
-    apply_tp_plan,
+    ParallelDims,
     check_tp_divisibility,
     destroy_process_groups,
     full_state_dict,
-    fully_shard_over_dp,
-    init_dp_tp_mesh,
+    release_accelerate_sharding,
     resolve_mesh,
-    set_collective_timeout,
 )
+from .parallel.groups import collective_device
+from .parallelize import parallelize
 from .privacy_plan import (
     LedgerError,
     PrivacyPlan,
@@ -96,14 +97,6 @@ class PoissonDataLoader(DataLoader):
 
     def set_epoch(self, epoch: int) -> None:
         self.batch_sampler.set_epoch(epoch)
-
-
-def _is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
 
 
 _CLEANUP_REGISTERED = False
@@ -169,31 +162,6 @@ class _PrivacyCallback(TrainerCallback):
         return control
 
 
-def _dp_replicate_size(args: DPTrainingArguments) -> int:
-    """HSDP's number of replicas for this launch (1: no HSDP); checks a ``ParallelismConfig``'s
-    sizes against the world size."""
-    world = dist.get_world_size()
-    mesh_size = getattr(args, "dp_mesh_size", None)
-    if mesh_size is not None and mesh_size * args.tp_size != world:
-        raise ValueError(
-            f"parallelism_config covers dp_replicate_size × dp_shard_size × tp_size = "
-            f"{mesh_size * args.tp_size} ranks but the launch has {world}: make the sizes "
-            "multiply to the number of processes."
-        )
-    if not getattr(args, "dp_fully_shard", False):
-        return 1
-    replicate = getattr(args, "dp_replicate_size", 1)
-    if replicate is None:  # fsdp="hybrid_shard": one replica per node
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if local_world % args.tp_size != 0 or world % local_world != 0:
-            raise ValueError(
-                f"fsdp='hybrid_shard' with {local_world} processes per node and tp_size="
-                f"{args.tp_size}: tp_size must divide the processes of a node."
-            )
-        replicate = world // local_world
-    return replicate
-
-
 class DPTrainer(Trainer):
     """A ``Trainer`` that trains with DP-SGD, on a tensor-parallel model when ``tp_size > 1``.
 
@@ -232,9 +200,16 @@ class DPTrainer(Trainer):
                 data_collator=kwargs.get("data_collator"),
                 per_sample_loss=per_sample_loss,
             )
+        # accelerate's FSDP / parallelism switches: DPTrainer took their request over
+        release_accelerate_sharding()
         # a resume path given in the arguments is checked before the model is sharded
         resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
         _ = args.device  # under torchrun/accelerate this initialises torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        #: the run's parallelism sizes, decided here once; everything below reads them
+        self.parallel_dims = ParallelDims.from_args(
+            args, world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        )
         self.device_mesh = self._build_mesh(args)
         if self.device_mesh is not None:
             _destroy_process_group_at_exit()
@@ -296,58 +271,25 @@ class DPTrainer(Trainer):
         self.add_callback(_PrivacyCallback(self))
 
     # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _build_mesh(args: DPTrainingArguments):
+    def _build_mesh(self, args: DPTrainingArguments) -> DeviceMesh | None:
+        """The mesh of :attr:`parallel_dims` (None without torch.distributed: one process).
+
+        ``ddp_timeout`` bounds every collective of the run, DPTrainer's own included (accelerate
+        does not pass it on for CPU runs, and mesh sub-groups never inherit it): a rank that
+        stops responding makes its peers fail after ``ddp_timeout`` seconds, with an error."""
         if not (dist.is_available() and dist.is_initialized()):
-            if args.tp_size > 1:
-                raise ValueError(
-                    f"tp_size={args.tp_size} needs {args.tp_size} processes: launch with "
-                    f"`torchrun --nproc-per-node {args.tp_size} ...` or `accelerate launch`."
-                )
             return None
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        # ddp_timeout bounds every collective of the run, DPTrainer's own included (accelerate
-        # does not pass it on for CPU runs, and mesh sub-groups never inherit it): a rank that
-        # stops responding makes its peers fail after ddp_timeout seconds, with an error.
-        set_collective_timeout(args.ddp_timeout_delta)
-        return init_dp_tp_mesh(
-            args.tp_size,
-            device_type,
-            timeout=args.ddp_timeout_delta,
-            dp_replicate_size=_dp_replicate_size(args),
-        )
+        return self.parallel_dims.build_mesh(timeout=args.ddp_timeout_delta)
 
     def _parallelize(self, model: nn.Module, args: DPTrainingArguments) -> nn.Module:
-        config = getattr(model, "config", None)
-        if args.tp_size > 1:
-            check_tp_divisibility(config, args.tp_size)
+        """Refuse what the arguments cannot train, then :func:`~hf_dp_tp.parallelize.parallelize`
+        (TP with ``args.tp_plan`` when ``tp_size > 1``, LoRA for TP, FSDP)."""
+        dims = self.parallel_dims
+        if dims.tp_enabled:
+            check_tp_divisibility(getattr(model, "config", None), dims.tp)
         model_layout(model, args.grad_sample_mode)  # refuses "hooks" on a DTensor model
-        if infer_layout(model) == TP:
-            sizes = {p.device_mesh.size() for p in model.parameters() if isinstance(p, DTensor)}
-            if sizes != {args.tp_size}:
-                raise ValueError(
-                    f"the model is already sharded over {sorted(sizes)} ranks but tp_size="
-                    f"{args.tp_size}: set tp_size to the TP degree the model was loaded with."
-                )
-        elif args.tp_size > 1:
-            if args.tp_plan is None:
-                raise ValueError(
-                    f"tp_size={args.tp_size} with tp_plan=None, but the model is not parallelized:"
-                    " pass tp_plan='auto' (the model's HF plan) or an explicit plan."
-                )
-            if args.device.type != "cpu":
-                model = model.to(args.device)
-            plan = peft_tp_plan(model, args.tp_plan) if _is_peft(model) else args.tp_plan
-            apply_tp_plan(model, self.device_mesh["tp"], plan)
-        if _is_peft(model) and args.tp_size > 1:
-            # adapters sharded like their base layers and identical on every rank
-            prepare_lora_for_tp(model, self.device_mesh["tp"])
-        if getattr(args, "dp_fully_shard", False):
-            if self.device_mesh is None:
-                raise ValueError(
-                    "FSDP (fsdp=... or parallelism_config) needs a distributed launch."
-                )
-            fully_shard_over_dp(model, self.device_mesh)
+        plan = args.tp_plan if dims.tp_enabled else None
+        model = parallelize(model, dims, self.device_mesh, plan, device=args.device)
         return model.train()
 
     @property
@@ -355,7 +297,7 @@ class DPTrainer(Trainer):
         """Whether DPTrainer shards the model with FSDP over DP (``fsdp=...``, a
         ``ParallelismConfig`` or accelerate's FSDP config): the clipped sums are then streamed per
         micro-batch and the checkpoints hold per-rank model shards."""
-        return bool(getattr(self.args, "dp_fully_shard", False))
+        return self.parallel_dims.fsdp_enabled
 
     @property
     def replays_randomness(self) -> bool:
@@ -754,7 +696,7 @@ class DPTrainer(Trainer):
         local = self._dp_optimizer.nonfinite_samples_zeroed if self._dp_optimizer else 0
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return local
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        device = collective_device()
         count = torch.tensor([float(local)], dtype=torch.float64, device=device)
         dist.all_reduce(count)
         return round(count.item() / self.mesh_info.tp_size)  # TP peers count the same samples
@@ -938,7 +880,7 @@ class DPTrainer(Trainer):
     def _load_weights(self, resume_from_checkpoint: str, model: nn.Module) -> None:
         if infer_layout(model) == PLAIN:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if _is_peft(model):
+        if is_peft_model(model):
             load_full_checkpoint_into_sharded(
                 model, resume_from_checkpoint, adapter_name=model.active_adapter
             )
@@ -953,7 +895,7 @@ class DPTrainer(Trainer):
             if self.args.should_save:
                 super()._save(output_dir, state_dict=state_dict)
             return
-        if _is_peft(self.model):
+        if is_peft_model(self.model):
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             save_lora_adapter(self.model, output_dir)  # collective; a plain peft adapter
             if self.args.should_save:

@@ -131,12 +131,14 @@ def test_accelerate_launch_fsdp_and_parallelism_configs_are_taken_over(monkeypat
     becomes DPTrainer's own FSDP; accelerate's switches are turned off (its FSDP plugin would
     reduce the non-private gradients); FSDP1, offload and ZeRO-2 are refused."""
     from hf_dp_tp import DPTrainingArguments
+    from hf_dp_tp.parallel import release_accelerate_sharding
 
     base = dict(output_dir="/tmp/unused", report_to=[], noise_multiplier=1.0)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     args = DPTrainingArguments(**base)
     assert args.dp_fully_shard and args.dp_replicate_size == 1 and not args.fsdp
+    release_accelerate_sharding()  # what DPTrainer.__init__ does first (the arguments only read)
     assert os.environ["ACCELERATE_USE_FSDP"] == "false"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
@@ -164,6 +166,7 @@ def test_accelerate_launch_fsdp_and_parallelism_configs_are_taken_over(monkeypat
         1,
         2,
     )
+    release_accelerate_sharding()
     assert os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] == "false"
 
 

@@ -1,4 +1,5 @@
-"""TP plans for model families without a usable HF ``tp_plan``: GPT-2-style ``Conv1D`` models.
+"""TP plans for model families: GPT-2-style ``Conv1D`` models (no usable HF ``tp_plan``) and a
+torchtitan-style sequence-parallel plan for Llama-architecture models.
 
 transformers' ``Conv1D`` (GPT-2, and models copied from it) stores its weight as ``[in, out]``
 and computes ``y = x W + b``. Neither the HF style names (``"colwise"`` needs ``out_features``)
@@ -24,10 +25,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from .parallel import HF_STYLE_ATTR
+from .styles import HF_STYLE_ATTR
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -203,3 +210,33 @@ def gpt2_tp_plan(lm_head: bool = True) -> dict[str, Any]:
     if lm_head:
         plan["lm_head"] = "colwise_gather_output"
     return plan
+
+
+def llama_sequence_parallel_plan() -> dict:
+    """A torchtitan-style plan of torch ``ParallelStyle`` objects for Llama-architecture models
+    (Llama, Qwen2, Mistral, ...): the residual stream is sharded over the sequence between blocks
+    (so the RMSNorms see a slice of the tokens, ``SequenceParallel``) and gathered for attention
+    and the MLP, which are column/row-wise; the embedding is vocab-parallel and the gathered
+    ``lm_head`` returns full logits. Pass ``position_ids`` of shape ``[B, T]`` explicitly."""
+    tokens = Shard(1)
+    gather = {"input_layouts": (tokens,), "desired_input_layouts": (Replicate(),)}
+    to_tokens = {"output_layouts": tokens, "use_local_output": False}
+    return {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), **to_tokens),
+        "model.layers.*.input_layernorm": SequenceParallel(),
+        "model.layers.*.self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": tokens},
+            desired_input_kwarg_layouts={"hidden_states": Replicate()},
+        ),
+        "model.layers.*.self_attn.q_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.k_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.v_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.o_proj": RowwiseParallel(**to_tokens),
+        "model.layers.*.post_attention_layernorm": SequenceParallel(),
+        "model.layers.*.mlp": PrepareModuleInput(**gather),
+        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
+        "model.layers.*.mlp.up_proj": ColwiseParallel(),
+        "model.layers.*.mlp.down_proj": RowwiseParallel(**to_tokens),
+        "model.norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=tokens, output_layouts=Replicate()),
+    }
