@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", nargs="+", default=ALL_RUNS, help="method:epsilon ('none': σ = 0)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="instead of running: merge the JSON of earlier invocations (e.g. subsets run "
+        "concurrently) into one table; their rows keep their own timings",
+    )
     return p.parse_args(argv)
 
 
@@ -133,8 +140,30 @@ def recovered(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def merge(paths: list[str], out: str | None) -> dict[str, Any]:
+    """One result from several invocations' JSON (same recipe required)."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    if any(part["recipe"] != parts[0]["recipe"] for part in parts):
+        raise SystemExit("the files were run with different recipes")
+    rows = [row for part in parts for row in part["rows"]]
+    result = {
+        **parts[0],
+        "runs": [run for part in parts for run in part["runs"]],
+        "merged_from": [os.path.basename(path) for path in paths],
+        "rows": rows,
+        "recovered": recovered(rows),
+    }
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    print(text)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     rows = []
     for run in args.runs:
         method, epsilon = run.split(":")
