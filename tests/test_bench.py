@@ -104,3 +104,38 @@ def test_noise_throughput_reports_every_field():
     assert machine["torch_num_threads"] == 1 and machine["cryptography_version"]
     assert "other_processes_cpu_cores" in machine and machine["cpu_cores"] >= 1
     assert out["normals_per_s_cuda"] is None and out["cuda_secure_over_seeded"] is None
+
+
+def test_utility_bench_runs_the_example_with_one_recipe_and_sigma_zero_as_baseline():
+    """bench/utility.py: every run is the example with the same recipe, differing only in the
+    method and ε; the non-private baseline is σ = 0 (same batches and clipping), and
+    ``recovered`` is the DP loss improvement over the baseline's at equal steps."""
+    import importlib.util
+
+    from tests.test_finetune_example import _script
+
+    spec = importlib.util.spec_from_file_location("utility", ROOT / "bench" / "utility.py")
+    utility = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utility)
+    script = _script()
+    parsed = {}
+    for method in ("lora", "full"):
+        for epsilon in ("none", "8"):
+            argv = utility.command(method, epsilon, "out")[2:]  # the flags after the script
+            model_args, data_args, args, run_args = script.parse_args(argv)
+            parsed[method, epsilon] = (model_args, args)
+            assert model_args.model_name_or_path == "smollm2"
+            assert run_args.logical_batch_size == utility.RECIPE["logical_batch_size"]
+            assert args.max_steps == utility.RECIPE["max_steps"]
+            assert args.learning_rate == utility.RECIPE["learning_rate"][method]
+            assert data_args.max_seq_length == utility.RECIPE["max_seq_length"]
+            assert model_args.use_lora == (method == "lora")
+            assert args.grad_sample_mode == ("ghost" if method == "full" else "tp")
+    assert parsed["lora", "none"][1].noise_multiplier == 0.0
+    assert parsed["lora", "none"][1].target_epsilon is None
+    assert parsed["lora", "8"][1].target_epsilon == 8.0
+    rows = [
+        {"method": "lora", "target_epsilon": None, "eval_loss_before": 4.0, "eval_loss_after": 2.0},
+        {"method": "lora", "target_epsilon": 8.0, "eval_loss_before": 4.0, "eval_loss_after": 3.0},
+    ]
+    assert utility.recovered(rows) == {"lora:eps=8": 0.5}
