@@ -170,7 +170,8 @@ class DPTrainingArguments(TrainingArguments):
     secure_mode: bool = field(
         default=False,
         metadata={
-            "help": "Draw noise from AES-256-CTR keystreams under fresh os.urandom keys and Poisson "
+            "help": "Draw noise from stream-cipher keystreams (AES-256-CTR on the CPU, ChaCha20 on "
+            "CUDA devices) under fresh os.urandom keys and Poisson "
             "masks from a keyed PRF with a secret key (for runs whose guarantee must not rest on "
             "a seeded PRNG; its cost is in the guide's Secure mode section)."
         },
