@@ -415,16 +415,27 @@ class _EmptyAwareCollate:
     def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Dataset) -> None:
         self.collate_fn = collate_fn
         self.dataset = dataset
+        self._first: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_first": None}  # workers collate their own
 
     def __call__(self, samples: list[Any]) -> Any:
         if len(samples) > 0:
             return self.collate_fn(samples)
-        return _empty_like(self.collate_fn([self.dataset[0]]))
+        return _empty_like(self.first_record())
+
+    def first_record(self) -> Any:
+        """``dataset[0]`` collated as a batch of one, collated once: the template of the
+        structure, dtypes and shapes of a batch (empty batches, stand-ins, probes)."""
+        if self._first is None:
+            self._first = self.collate_fn([self.dataset[0]])
+        return self._first
 
     def stand_in(self) -> Any:
         """A stand-in batch of one row that carries no record (:func:`stand_in_batch`): the
         structure and shapes of ``dataset[0]`` as collated, none of its values."""
-        return stand_in_batch(self.collate_fn([self.dataset[0]]))
+        return stand_in_batch(self.first_record())
 
 
 def collate_with_empty(

@@ -266,6 +266,7 @@ class DPTrainer(Trainer):
         self._batch_sampler: DistributedPoissonBatchSampler | None = None
         self._train_collate = None  # the training loader's collate (stand-in batches, FSDP)
         self._stand_in: dict[str, Any] | None = None
+        self._sample_independence_checked = False  # once per run, at the first micro-batch
         self._nonfinite_samples_zeroed: int | None = None  # counted at the end of train()
         self._flops_per_micro_batch: float | None = None
         self.add_callback(_PrivacyCallback(self))
@@ -580,7 +581,7 @@ class DPTrainer(Trainer):
         record, identical on every rank) must change no other sample's per-sample loss or
         gradient (:func:`hf_dp_tp.separability.check_per_sample_losses_and_gradients`;
         ``check_sample_independence`` turns it off)."""
-        if getattr(self, "_sample_independence_checked", False):
+        if self._sample_independence_checked:
             return
         self._sample_independence_checked = True
         if not self.args.check_sample_independence or self._train_collate is None:
@@ -588,8 +589,7 @@ class DPTrainer(Trainer):
         from .losses import _is_causal_lm
         from .separability import check_per_sample_losses_and_gradients, is_half, synthetic_probe
 
-        collate = self._train_collate
-        example = self._prepare_inputs(collate.collate_fn([collate.dataset[0]]))
+        example = self._prepare_inputs(self._train_collate.first_record())
         config = getattr(model, "config", None)
         probe, neighbour = synthetic_probe(
             example,
